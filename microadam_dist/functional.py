@@ -1,0 +1,256 @@
+"""The MicroAdam math in pure PyTorch: the executable form of the spec, and the CPU path.
+
+One step of one block range (see ``microadam_blocks_``) is:
+  1. a = g + dequant(e)                        accumulate the 4-bit error feedback (fp32)
+  2. per block, the k entries of largest |a| go into ring slot (t - 1) mod m
+  3. a[selected] = 0; e = quant4(a)            the residual becomes the error feedback
+  4. p *= 1 - lr * weight_decay                decoupled weight decay
+  5. p -= lr * c1 * M / (sqrt(c2 * S) + eps)   M, S rebuilt from the window
+Work is done piece by piece (geometry.Piece) and in chunks of at most ``chunk_elements``
+elements, so no temporary grows with the parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .geometry import Geometry, Piece
+
+QUANT_LEVELS = 15  # 4 bits: codes 0..15
+INDEX_BITS = 15  # block-local indices < 32768 fit in int16 and in the low bits of a select key
+STATE_DTYPES = {
+    "step": torch.int64,
+    "window_idx": torch.int16,
+    "window_val": torch.bfloat16,
+    "ef_codes": torch.uint8,
+    "ef_stats": torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Everything one step of one parameter needs besides tensors."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    window_size: int
+    step: int  # t, already incremented: the first step has t = 1
+    chunk_elements: int = 1 << 20
+
+
+# ---- 4-bit error feedback -----------------------------------------------------------------------
+def _pad_to_buckets(x: torch.Tensor, bucket: int) -> torch.Tensor:
+    """Pad the last dim to a multiple of ``bucket`` by repeating the last column.
+
+    Repeating an existing value leaves every bucket's min and max unchanged.
+    """
+    n = x.shape[-1]
+    pad = -n % bucket
+    if pad == 0:
+        return x
+    return torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+
+
+def quantize_4bit(x: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize rows of ``x`` (fp32, [N, n]) per bucket of ``bucket`` elements.
+
+    Returns packed codes ([N, ceil(n / 2)] uint8: element 2i in the low nibble, 2i + 1 in the
+    high one) and statistics ([N, ceil(n / bucket), 2] fp32: lo = min, hi = max).
+    code = clamp(floor((x - lo) / u + 0.5), 0, 15) with u = (hi - lo) / 15; a bucket with
+    hi == lo gets code 0 everywhere and so dequantizes exactly to lo.
+    """
+    rows, n = x.shape
+    xb = _pad_to_buckets(x, bucket).view(rows, -1, bucket)
+    lo = xb.amin(dim=-1, keepdim=True)
+    hi = xb.amax(dim=-1, keepdim=True)
+    u = (hi - lo) / QUANT_LEVELS
+    nonzero = u > 0
+    q = (xb - lo) / torch.where(nonzero, u, torch.ones_like(u))
+    codes = torch.where(nonzero, torch.floor(q + 0.5).clamp_(0, QUANT_LEVELS), torch.zeros_like(q))
+    codes = codes.view(rows, -1)[:, :n].to(torch.uint8)
+    if n % 2:
+        codes = torch.cat([codes, codes.new_zeros(rows, 1)], dim=1)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return packed, torch.cat([lo, hi], dim=-1)
+
+
+def dequantize_4bit(packed: torch.Tensor, stats: torch.Tensor, n: int, bucket: int) -> torch.Tensor:
+    """Inverse of ``quantize_4bit``: x' = lo + code * (hi - lo) / 15, as fp32 [N, n]."""
+    rows = packed.shape[0]
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(rows, -1)[:, :n]
+    codes = _pad_to_buckets(codes, bucket).view(rows, -1, bucket).float()
+    lo, hi = stats[..., 0:1], stats[..., 1:2]
+    x = lo + codes * ((hi - lo) / QUANT_LEVELS)
+    return x.view(rows, -1)[:, :n]
+
+
+# ---- top-k selection ----------------------------------------------------------------------------
+def select_topk(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Block-local indices of the k entries of largest |a| in each row of ``a`` ([N, n] fp32).
+
+    Ties go to the smaller index, and the result is ordered by decreasing |a| (then increasing
+    index), so every correct implementation picks the same entries in the same order: the key
+    packs the bits of |a| (monotonic for non-negative floats) above the reversed index.
+    """
+    n = a.shape[1]
+    key = a.abs().view(torch.int32).to(torch.int64) << INDEX_BITS
+    key |= torch.arange(n - 1, -1, -1, device=a.device, dtype=torch.int64)
+    top = key.topk(k, dim=1, sorted=True).values
+    return (n - 1) - (top & ((1 << INDEX_BITS) - 1))
+
+
+# ---- strided views of one piece's chunk -------------------------------------------------------
+def _view(t: torch.Tensor, offset: int, size, stride) -> torch.Tensor:
+    return t.as_strided(size, stride, t.storage_offset() + offset)
+
+
+def _chunks(piece: Piece, chunk_elements: int):
+    """Sub-rectangles (row0, rows, col0, cols) of ``piece`` with at most ~chunk_elements elements."""
+    row_elems = piece.num_cols * piece.block_len
+    if row_elems <= chunk_elements:
+        step = max(1, chunk_elements // row_elems)
+        for r in range(0, piece.num_rows, step):
+            yield r, min(step, piece.num_rows - r), 0, piece.num_cols
+    else:
+        step = max(1, chunk_elements // piece.block_len)
+        for r in range(piece.num_rows):
+            for c in range(0, piece.num_cols, step):
+                yield r, 1, c, min(step, piece.num_cols - c)
+
+
+class _ChunkViews:
+    """Views of the param, grad and state tensors for one chunk: blocks shaped [rows, cols, ...]."""
+
+    def __init__(self, piece: Piece, r0: int, nr: int, c0: int, nc: int, param, grad, state):
+        p = piece
+        n, k = p.block_len, p.k
+        e_off = p.elem_offset + r0 * p.elem_row_stride + c0 * n
+        k_off = p.k_offset + r0 * p.k_row_stride + c0 * k
+        ef_off = p.ef_offset + r0 * p.ef_row_stride + c0 * p.ef_bytes
+        q_off = p.bucket_offset + r0 * p.bucket_row_stride + c0 * p.buckets
+        self.num_blocks = nr * nc
+        self.param = _view(param, e_off, (nr, nc, n), (p.elem_row_stride, n, 1))
+        self.grad = _view(grad, e_off, (nr, nc, n), (p.elem_row_stride, n, 1))
+        win_k = state["window_idx"].shape[1]
+        self.win_idx = _view(state["window_idx"], k_off, (state["window_idx"].shape[0], nr, nc, k),
+                             (win_k, p.k_row_stride, k, 1))
+        self.win_val = _view(state["window_val"], k_off, self.win_idx.shape, self.win_idx.stride())
+        self.ef_codes = _view(state["ef_codes"], ef_off, (nr, nc, p.ef_bytes), (p.ef_row_stride, p.ef_bytes, 1))
+        self.ef_stats = _view(state["ef_stats"], 2 * q_off, (nr, nc, p.buckets, 2),
+                              (2 * p.bucket_row_stride, 2 * p.buckets, 2, 1))
+
+
+def _flat_blocks(t: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """[rows, cols, ...] -> [rows * cols, ...] (a copy only when the view is not contiguous)."""
+    return t.reshape(num_blocks, *t.shape[2:])
+
+
+# ---- one step on a range of whole blocks --------------------------------------------------------
+def microadam_blocks_(
+    geometry: Geometry,
+    b0: int,
+    b1: int,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    cfg: StepConfig,
+) -> None:
+    """One MicroAdam step, in place, on blocks [b0, b1) of one parameter.
+
+    ``param`` and ``grad`` are flat contiguous tensors holding exactly the elements of those blocks
+    (any floating dtype); ``state`` holds the state of exactly those blocks (``init_state``).
+    """
+    slot = (cfg.step - 1) % cfg.window_size
+    filled = min(cfg.step, cfg.window_size)
+    # ages of the filled slots: slot s was written at step t - q_s, q_s = (t - 1 - s) mod m
+    ages = [(cfg.step - 1 - s) % cfg.window_size for s in range(filled)]
+    decay = 1.0 - cfg.lr * cfg.weight_decay
+    c1, c2 = bias_corrections(cfg.step, cfg.beta1, cfg.beta2)
+    device = param.device
+    w1 = torch.tensor([cfg.beta1**q for q in ages], dtype=torch.float32, device=device).view(-1, 1, 1)
+    w2 = torch.tensor([cfg.beta2**q for q in ages], dtype=torch.float32, device=device).view(-1, 1, 1)
+    bucket = geometry.quant_bucket_size
+
+    for piece in geometry.pieces(b0, b1):
+        n, k = piece.block_len, piece.k
+        for r0, nr, c0, nc in _chunks(piece, cfg.chunk_elements):
+            v = _ChunkViews(piece, r0, nr, c0, nc, param, grad, state)
+            nb = v.num_blocks
+            # 1. accumulate the error feedback
+            codes = _flat_blocks(v.ef_codes, nb)
+            stats = _flat_blocks(v.ef_stats, nb)
+            a = _flat_blocks(v.grad, nb).float() + dequantize_4bit(codes, stats, n, bucket)
+            # 2. top-k into the ring slot
+            idx = select_topk(a, k)
+            v.win_idx[slot].copy_(idx.view(nr, nc, k))
+            v.win_val[slot].copy_(a.gather(1, idx).view(nr, nc, k))
+            # 3. the residual becomes the new error feedback
+            a.scatter_(1, idx, 0.0)
+            new_codes, new_stats = quantize_4bit(a, bucket)
+            v.ef_codes.copy_(new_codes.view(nr, nc, -1))
+            v.ef_stats.copy_(new_stats.view(nr, nc, -1, 2))
+            del a, codes, stats, new_codes, new_stats
+            # 5. rebuild M and S at the window's indices (zero elsewhere)
+            win_idx = v.win_idx[:filled].reshape(filled, nb, k).long()
+            win_val = v.win_val[:filled].reshape(filled, nb, k).float()
+            flat_idx = win_idx.permute(1, 0, 2).reshape(nb, filled * k)
+            m_sum = torch.zeros(nb, n, dtype=torch.float32, device=device)
+            s_sum = torch.zeros(nb, n, dtype=torch.float32, device=device)
+            m_sum.scatter_add_(1, flat_idx, (win_val * w1).permute(1, 0, 2).reshape(nb, filled * k))
+            s_sum.scatter_add_(1, flat_idx, (win_val * win_val * w2).permute(1, 0, 2).reshape(nb, filled * k))
+            del win_idx, win_val, flat_idx
+            update = m_sum.mul_(c1).div_(s_sum.mul_(c2).sqrt_().add_(cfg.eps))
+            del s_sum
+            # 4 + 6. decoupled weight decay, then the update; one rounding to the param's dtype
+            p = _flat_blocks(v.param, nb).float()
+            if cfg.weight_decay != 0.0:
+                p.mul_(decay)
+            p.add_(update, alpha=-cfg.lr)
+            v.param.copy_(p.view(nr, nc, n))
+
+
+def init_state(geometry: Geometry, window_size: int, b0: int, b1: int, device) -> dict[str, torch.Tensor]:
+    """Zero state for blocks [b0, b1): an empty window and an error feedback of exactly 0."""
+    k, ef, buckets = geometry.state_sizes(b0, b1)
+    t = STATE_DTYPES
+    return {
+        "step": torch.zeros((), dtype=t["step"]),  # on the CPU, like torch's own optimizers
+        "window_idx": torch.zeros(window_size, k, dtype=t["window_idx"], device=device),
+        "window_val": torch.zeros(window_size, k, dtype=t["window_val"], device=device),
+        "ef_codes": torch.zeros(ef, dtype=t["ef_codes"], device=device),
+        "ef_stats": torch.zeros(buckets, 2, dtype=t["ef_stats"], device=device),
+    }
+
+
+def state_shapes(geometry: Geometry, window_size: int, b0: int = 0, b1: int | None = None) -> dict[str, tuple]:
+    k, ef, buckets = geometry.state_sizes(b0, b1)
+    return {
+        "step": (),
+        "window_idx": (window_size, k),
+        "window_val": (window_size, k),
+        "ef_codes": (ef,),
+        "ef_stats": (buckets, 2),
+    }
+
+
+def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:
+    """c1 = (1 - b1) / (1 - b1^t), c2 = (1 - b2) / (1 - b2^t): the scales applied to M and S."""
+    return (1.0 - beta1) / (1.0 - beta1**step), (1.0 - beta2) / (1.0 - beta2**step)
+
+
+__all__ = [
+    "STATE_DTYPES",
+    "StepConfig",
+    "bias_corrections",
+    "dequantize_4bit",
+    "init_state",
+    "microadam_blocks_",
+    "quantize_4bit",
+    "select_topk",
+    "state_shapes",
+]

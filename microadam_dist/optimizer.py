@@ -1,0 +1,269 @@
+"""``MicroAdam``: the torch.optim.Optimizer users construct.
+
+This file holds validation, state bookkeeping and checkpoint dtypes; the math lives in
+``functional.py`` and the block layout in ``geometry.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .functional import STATE_DTYPES, StepConfig, init_state, microadam_blocks_, state_shapes
+from .geometry import Geometry, geometry_for
+
+#: Fixed defaults, never derived from the device (see docs/design.md for the reasoning).
+DEFAULT_BLOCK_SIZE = 4096
+DEFAULT_QUANT_BUCKET_SIZE = 2048
+MAX_BLOCK_SIZE = 1 << 15  # block-local indices are int16
+BACKENDS = ("auto", "torch", "triton")
+#: Hyperparameters that shape the state; a checkpoint made with other values cannot be loaded.
+GEOMETRY_KEYS = ("window_size", "density", "block_size", "quant_bucket_size")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_hyperparameters(group: dict[str, Any]) -> None:
+    """Raise ValueError naming the first hyperparameter outside its allowed range."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        raise ValueError("lr must be a Python float, not a Tensor")
+    if not _is_number(lr) or not lr >= 0.0 or not math.isfinite(lr):
+        raise ValueError(f"Invalid lr: {lr!r}; it must be a finite float >= 0")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}; it must be a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        if not _is_number(b) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta{i + 1}: {b!r}; it must be in [0, 1)")
+    eps = group["eps"]
+    if not _is_number(eps) or not eps >= 0.0 or not math.isfinite(eps):
+        raise ValueError(f"Invalid eps: {eps!r}; it must be a finite float >= 0")
+    wd = group["weight_decay"]
+    if not _is_number(wd) or not wd >= 0.0 or not math.isfinite(wd):
+        raise ValueError(f"Invalid weight_decay: {wd!r}; it must be a finite float >= 0")
+    m = group["window_size"]
+    if not _is_int(m) or m < 1:
+        raise ValueError(f"Invalid window_size: {m!r}; it must be an integer >= 1")
+    d = group["density"]
+    if not _is_number(d) or not 0.0 < d <= 1.0:
+        raise ValueError(f"Invalid density: {d!r}; it must be in (0, 1]")
+    b = group["block_size"]
+    if not _is_int(b) or not 1 <= b <= MAX_BLOCK_SIZE:
+        raise ValueError(
+            f"Invalid block_size: {b!r}; it must be an integer in [1, {MAX_BLOCK_SIZE}] "
+            "(block-local indices are stored as int16)"
+        )
+    q = group["quant_bucket_size"]
+    if not _is_int(q) or not 1 <= q <= b or b % q:
+        raise ValueError(
+            f"Invalid quant_bucket_size: {q!r}; it must be an integer that divides "
+            f"block_size={b} (buckets tile each block)"
+        )
+
+
+class MicroAdam(torch.optim.Optimizer):
+    r"""MicroAdam (Modoranu et al., NeurIPS 2024): Adam rebuilt from a window of sparse gradients.
+
+    Per parameter it keeps a 4-bit error feedback and, for each block of ``block_size``
+    consecutive elements of a row, the ``ceil(density * block)`` entries of largest magnitude of
+    the last ``window_size`` error-corrected gradients. At ``window_size=10, density=0.01`` that
+    is about 0.9 byte of state per parameter, against 8 for AdamW.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate. MicroAdam's update is larger than Adam's in steady state (the bias
+            correction uses the true step while the window holds only ``window_size`` terms), so
+            it usually wants a smaller learning rate than AdamW.
+        betas: (beta1, beta2), as in Adam.
+        eps: added to the denominator, outside the square root.
+        weight_decay: decoupled weight decay, as in AdamW.
+        window_size: m, the number of sparse gradients kept.
+        density: fraction of each block kept per step, in (0, 1].
+        block_size: elements per top-k block (<= 32768). Blocks never cross a row (dim 0).
+        quant_bucket_size: elements per 4-bit quantization bucket; divides ``block_size``.
+        backend: ``"auto"`` (Triton for CUDA tensors when available, else PyTorch), ``"torch"``
+            or ``"triton"``.
+
+    lr, betas, eps and weight_decay may differ per parameter group; so may the four geometry
+    hyperparameters, which cannot change once a parameter has state.
+    """
+
+    #: elements per bounded chunk of work inside a large parameter (transient memory is about
+    #: 36 bytes per chunk element; see docs/design.md)
+    chunk_elements: int = 1 << 20
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        window_size: int = 10,
+        density: float = 0.01,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        quant_bucket_size: int = DEFAULT_QUANT_BUCKET_SIZE,
+        backend: str = "auto",
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r}; choose one of {BACKENDS}")
+        if backend == "triton":
+            raise RuntimeError(
+                "backend='triton' is not available in this version of microadam_dist; "
+                "use backend='torch' (or 'auto', which picks the PyTorch path)"
+            )
+        defaults = dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, window_size=window_size, density=density,
+            block_size=block_size, quant_bucket_size=quant_bucket_size,
+        )
+        validate_hyperparameters(defaults)
+        self.backend = backend
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            validate_hyperparameters(group)
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError("MicroAdam does not support complex parameters; view them as real "
+                                     "with torch.view_as_real before building the optimizer")
+                if not p.is_floating_point():
+                    raise ValueError(f"MicroAdam needs floating-point parameters, got {p.dtype}")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    # ---- geometry and state --------------------------------------------------------------------
+    @staticmethod
+    def geometry(p: torch.Tensor, group: dict[str, Any]) -> Geometry:
+        return geometry_for(tuple(p.shape), group["block_size"], group["quant_bucket_size"],
+                            float(group["density"]))
+
+    def state_bytes(self) -> int:
+        """Exact bytes of all optimizer state tensors (the per-parameter step counters included)."""
+        return sum(t.numel() * t.element_size()
+                   for st in self.state.values() for t in st.values() if isinstance(t, torch.Tensor))
+
+    # ---- the step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step.
+
+        A parameter whose grad is None is skipped (its step count does not advance). On empty
+        state, a step with lr = 0 and an all-zero gradient only creates the state (this is the
+        probe step torch.distributed.checkpoint runs) and leaves the step count at 0.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p.numel() == 0:
+                    continue
+                grad = p.grad
+                self._check_grad(p, grad)
+                geom = self.geometry(p, group)
+                state = self.state[p]
+                if not state:
+                    state.update(init_state(geom, group["window_size"], 0, geom.num_blocks, p.device))
+                    if group["lr"] == 0 and not grad.any():
+                        continue  # state-creating probe: nothing else changes
+                state["step"] += 1
+                cfg = StepConfig(
+                    lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                    weight_decay=group["weight_decay"], window_size=group["window_size"],
+                    step=int(state["step"]), chunk_elements=self.chunk_elements,
+                )
+                flat_param = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
+                microadam_blocks_(geom, 0, geom.num_blocks, flat_param, grad.reshape(-1), state, cfg)
+                if flat_param.data_ptr() != p.data_ptr():
+                    p.copy_(flat_param.view_as(p))
+        return loss
+
+    @staticmethod
+    def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+        if grad.is_sparse:
+            raise RuntimeError("MicroAdam does not support sparse gradients; use dense gradients "
+                               "(for nn.Embedding, sparse=False)")
+        if grad.is_complex() or not grad.is_floating_point():
+            raise RuntimeError(f"MicroAdam needs real floating-point gradients, got {grad.dtype}")
+        if grad.shape != p.shape:
+            raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter "
+                               f"shape {tuple(p.shape)}")
+        if grad.device != p.device:
+            raise RuntimeError(f"gradient on {grad.device} but parameter on {p.device}")
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state, refusing state of another geometry and keeping every state dtype.
+
+        torch.optim.Optimizer.load_state_dict casts floating-point state to the parameter's
+        dtype (bf16 window values would become fp32, fp32 statistics would become bf16), so the
+        state tensors are put back afterwards exactly as saved, on the parameter's device.
+        """
+        saved_groups = state_dict.get("param_groups")
+        if saved_groups is None or "state" not in state_dict:
+            raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups'")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the state_dict has {len(saved_groups)} parameter groups, "
+                             f"this optimizer has {len(self.param_groups)}")
+        id_to_param = {}
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            for key in GEOMETRY_KEYS:
+                if key not in saved:
+                    raise ValueError(f"parameter group {i} of the state_dict has no {key!r}: "
+                                     "it was not saved by MicroAdam")
+                if saved[key] != group[key]:
+                    raise ValueError(
+                        f"cannot load MicroAdam state saved with {key}={saved[key]!r} into an "
+                        f"optimizer with {key}={group[key]!r} (parameter group {i}); build the "
+                        f"optimizer with {key}={saved[key]!r} to resume this checkpoint"
+                    )
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"parameter group {i}: the state_dict has {len(saved['params'])} "
+                                 f"parameters, the optimizer {len(group['params'])}")
+            id_to_param.update(zip(saved["params"], [(p, group) for p in group["params"]]))
+        for pid, st in state_dict["state"].items():
+            if pid not in id_to_param:
+                raise ValueError(f"the state_dict has state for unknown parameter id {pid!r}")
+            p, group = id_to_param[pid]
+            self._check_saved_state(pid, p, group, st)
+        super().load_state_dict(state_dict)
+        for pid, st in state_dict["state"].items():
+            p, _ = id_to_param[pid]
+            self.state[p] = {
+                key: value.to(device="cpu" if key == "step" else p.device, copy=True)
+                for key, value in st.items()
+            }
+
+    def _check_saved_state(self, pid, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
+        expected = state_shapes(self.geometry(p, group), group["window_size"])
+        if set(st) != set(expected):
+            raise ValueError(f"state of parameter {pid!r} has keys {sorted(st)}, expected MicroAdam's "
+                             f"{sorted(expected)}: is this another optimizer's checkpoint?")
+        for key, shape in expected.items():
+            value = st[key]
+            if not isinstance(value, torch.Tensor) or value.dtype != STATE_DTYPES[key]:
+                got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"state {key!r} of parameter {pid!r} is {got}, expected "
+                                 f"{STATE_DTYPES[key]}")
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"state {key!r} of parameter {pid!r} has shape {tuple(value.shape)}, expected "
+                    f"{shape} for a parameter of shape {tuple(p.shape)}: the checkpoint belongs to "
+                    "a different model"
+                )
