@@ -69,10 +69,9 @@ def quantize_4bit(x: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torch.Ten
     lo = xb.amin(dim=-1, keepdim=True)
     hi = xb.amax(dim=-1, keepdim=True)
     u = (hi - lo) / QUANT_LEVELS
-    nonzero = u > 0
-    q = (xb - lo) / torch.where(nonzero, u, torch.ones_like(u))
-    codes = torch.where(nonzero, torch.floor(q + 0.5).clamp_(0, QUANT_LEVELS), torch.zeros_like(q))
-    codes = codes.view(rows, -1)[:, :n].to(torch.uint8)
+    # where hi == lo every element equals lo, so (x - lo) / 1 = 0 gives code 0 with no 0 / 0
+    q = (xb - lo).div_(torch.where(u > 0, u, 1.0)).add_(0.5).floor_().clamp_(0, QUANT_LEVELS)
+    codes = q.view(rows, -1)[:, :n].to(torch.uint8)
     if n % 2:
         codes = torch.cat([codes, codes.new_zeros(rows, 1)], dim=1)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
@@ -211,7 +210,8 @@ def microadam_blocks_(
             if cfg.weight_decay != 0.0:
                 p.mul_(decay)
             p.add_(update, alpha=-cfg.lr)
-            v.param.copy_(p.view(nr, nc, n))
+            if p.data_ptr() != v.param.data_ptr():  # p was a copy (bf16, or a strided chunk)
+                v.param.copy_(p.view(nr, nc, n))
 
 
 def init_state(geometry: Geometry, window_size: int, b0: int, b1: int, device) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ def validate_hyperparameters(group: dict[str, Any]) -> None:
     """Raise ValueError naming the first hyperparameter outside its allowed range."""
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
-        raise ValueError("lr must be a Python float, not a Tensor")
+        raise ValueError("Invalid lr: a Tensor; lr must be a Python float")
     if not _is_number(lr) or not lr >= 0.0 or not math.isfinite(lr):
         raise ValueError(f"Invalid lr: {lr!r}; it must be a finite float >= 0")
     betas = group["betas"]
@@ -69,6 +69,11 @@ def validate_hyperparameters(group: dict[str, Any]) -> None:
             f"Invalid quant_bucket_size: {q!r}; it must be an integer that divides "
             f"block_size={b} (buckets tile each block)"
         )
+
+
+def _any_nonzero(t: torch.Tensor, chunk: int) -> bool:
+    """t.any() without a bool temporary the size of t."""
+    return any(bool(c.any()) for c in t.reshape(-1).split(chunk))
 
 
 class MicroAdam(torch.optim.Optimizer):
@@ -180,7 +185,7 @@ class MicroAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(init_state(geom, group["window_size"], 0, geom.num_blocks, p.device))
-                    if group["lr"] == 0 and not grad.any():
+                    if group["lr"] == 0 and not _any_nonzero(grad, self.chunk_elements):
                         continue  # state-creating probe: nothing else changes
                 state["step"] += 1
                 cfg = StepConfig(

@@ -1,0 +1,27 @@
+# The two commands of the README. Each creates .venv on first use (torch's CPU build first, so
+# pip never pulls a CUDA build) and is quick when run again.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+demo: $(STAMP)
+	$(PY) -m microadam_dist.train
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/step_memory.py
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,triton]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,240 @@
+"""The optimizer class: validation, state lifecycle, checkpoints and exact state bytes."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from microadam_dist import MicroAdam
+from microadam_dist.functional import STATE_DTYPES
+
+SMALL = dict(block_size=64, quant_bucket_size=16, density=0.05, window_size=4)
+
+
+def _params(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(12, 100), (130,), (3, 5, 7), ()]
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+
+
+def _grads(params, step, dtype):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
+
+
+def _train(opt, params, steps, start, dtype):
+    for s in range(start, start + steps):
+        for p, g in zip(params, _grads(params, s, dtype)):
+            p.grad = g
+        opt.step()
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_resumes_bitwise(tmp_path, dtype):
+    straight = _params(dtype)
+    opt = MicroAdam(straight, lr=1e-2, weight_decay=0.01, **SMALL)
+    _train(opt, straight, 13, 0, dtype)
+
+    resumed = _params(dtype)
+    opt1 = MicroAdam(resumed, lr=1e-2, weight_decay=0.01, **SMALL)
+    _train(opt1, resumed, 6, 0, dtype)  # stop mid-ring (window 4)
+    torch.save({"params": [p.detach() for p in resumed], "optim": opt1.state_dict()}, tmp_path / "ckpt.pt")
+    del opt1, resumed
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed = [p.clone().requires_grad_() for p in ckpt["params"]]
+    opt2 = MicroAdam(resumed, lr=1e-2, weight_decay=0.01, **SMALL)
+    opt2.load_state_dict(ckpt["optim"])
+    for p in resumed:  # dtypes survive torch's cast of floating state to the parameter dtype
+        for key, value in opt2.state[p].items():
+            assert value.dtype == STATE_DTYPES[key], key
+        assert int(opt2.state[p]["step"]) == 6
+    _train(opt2, resumed, 7, 6, dtype)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+    for a, b in zip(straight, resumed):
+        for key in STATE_DTYPES:
+            assert torch.equal(opt.state[a][key], opt2.state[b][key]), key
+
+
+def test_load_refuses_other_geometry():
+    params = _params()
+    opt = MicroAdam(params, lr=1e-2, **SMALL)
+    _train(opt, params, 2, 0, torch.float32)
+    sd = opt.state_dict()
+    for key, other in [("window_size", 5), ("density", 0.1), ("block_size", 128), ("quant_bucket_size", 32)]:
+        fresh = MicroAdam(_params(), lr=1e-2, **{**SMALL, key: other})
+        with pytest.raises(ValueError, match=f"{key}="):
+            fresh.load_state_dict(sd)
+
+
+def test_load_refuses_other_model_and_other_optimizer():
+    params = _params()
+    opt = MicroAdam(params, lr=1e-2, **SMALL)
+    _train(opt, params, 2, 0, torch.float32)
+    other_shapes = [torch.zeros(12, 101, requires_grad=True)] + _params()[1:]
+    with pytest.raises(ValueError, match="different model"):
+        MicroAdam(other_shapes, lr=1e-2, **SMALL).load_state_dict(opt.state_dict())
+    adamw = torch.optim.AdamW(params)
+    _train(adamw, params, 1, 0, torch.float32)
+    sd = adamw.state_dict()
+    for g in sd["param_groups"]:
+        g.update(SMALL)
+    with pytest.raises(ValueError, match="another optimizer"):
+        MicroAdam(_params(), lr=1e-2, **SMALL).load_state_dict(sd)
+    with pytest.raises(ValueError, match="not saved by MicroAdam"):
+        MicroAdam(_params(), lr=1e-2, **SMALL).load_state_dict(adamw.state_dict())
+
+
+# ---- state lifecycle ----------------------------------------------------------------------------
+def test_probe_step_creates_full_state_and_changes_nothing():
+    params = _params()
+    before = [p.detach().clone() for p in params]
+    opt = MicroAdam(params, lr=0.0, **SMALL)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+        st = opt.state[p]
+        assert int(st["step"]) == 0
+        assert st["window_idx"].shape == (4, opt.geometry(p, opt.param_groups[0]).state_sizes()[0])
+    sizes = {id(p): {k: v.shape for k, v in opt.state[p].items()} for p in params}
+    for g in opt.param_groups:
+        g["lr"] = 1e-2
+    _train(opt, params, 3, 0, torch.float32)
+    for p in params:  # the probe made the final shapes: real steps do not reallocate
+        assert {k: v.shape for k, v in opt.state[p].items()} == sizes[id(p)]
+        assert int(opt.state[p]["step"]) == 3
+
+
+def test_lr_zero_with_real_gradient_is_a_real_step():
+    p = torch.randn(10, 20, requires_grad=True)
+    opt = MicroAdam([p], lr=0.0, **SMALL)
+    p.grad = torch.randn_like(p)
+    opt.step()  # warm-up schedules start at lr = 0: the window must still record the gradient
+    assert int(opt.state[p]["step"]) == 1 and opt.state[p]["window_val"].ne(0).any()
+
+
+def test_param_without_grad_is_skipped():
+    a, b = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True)
+    b0 = b.detach().clone()
+    opt = MicroAdam([a, b], lr=1e-2, **SMALL)
+    for _ in range(3):
+        a.grad = torch.randn_like(a)
+        opt.step()
+    assert int(opt.state[a]["step"]) == 3 and b not in opt.state and torch.equal(b, b0)
+    b.grad = torch.randn_like(b)
+    opt.step()
+    assert int(opt.state[a]["step"]) == 4 and int(opt.state[b]["step"]) == 1
+
+
+def test_per_group_hyperparameters():
+    a, b = torch.zeros(4, 64, requires_grad=True), torch.zeros(4, 64, requires_grad=True)
+    opt = MicroAdam([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.0}], lr=1e-3, **SMALL)
+    g = torch.randn(4, 64)
+    a.grad, b.grad = g.clone(), g.clone()
+    opt.step()
+    assert a.abs().max() > 0.05 and b.abs().max() == 0
+
+
+def test_non_contiguous_param():
+    base = torch.randn(40, 30)
+    p = base.t().detach().requires_grad_()  # (30, 40), not contiguous
+    q = p.detach().contiguous().requires_grad_()
+    opt_p, opt_q = MicroAdam([p], lr=1e-2, **SMALL), MicroAdam([q], lr=1e-2, **SMALL)
+    for _ in range(3):
+        g = torch.randn(30, 40)
+        p.grad, q.grad = g.clone(), g.clone()
+        opt_p.step()
+        opt_q.step()
+    assert torch.equal(p, q)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr=torch.tensor(0.1)), "lr"),
+    (dict(betas=(1.0, 0.999)), "beta1"), (dict(betas=(0.9, -0.1)), "beta2"), (dict(betas=(0.9,)), "betas"),
+    (dict(eps=-1e-8), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(window_size=0), "window_size"), (dict(window_size=2.0), "window_size"),
+    (dict(density=0.0), "density"), (dict(density=1.5), "density"),
+    (dict(block_size=40000), "block_size"), (dict(block_size=0), "block_size"),
+    (dict(block_size=64, quant_bucket_size=48), "quant_bucket_size"),
+    (dict(block_size=64, quant_bucket_size=128), "quant_bucket_size"),
+    (dict(backend="cuda"), "backend"),
+])
+def test_invalid_hyperparameters(kwargs, name):
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        MicroAdam([torch.zeros(3, requires_grad=True)], **{"lr": 1e-3, **kwargs})
+
+
+def test_invalid_group_hyperparameter_leaves_optimizer_unchanged():
+    opt = MicroAdam([torch.zeros(3, requires_grad=True)], lr=1e-3)
+    with pytest.raises(ValueError, match="Invalid density"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "density": 2.0})
+    assert len(opt.param_groups) == 1
+
+
+def test_triton_backend_not_yet_available():
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        MicroAdam([torch.zeros(3, requires_grad=True)], lr=1e-3, backend="triton")
+
+
+def test_rejects_sparse_and_complex():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        MicroAdam(emb.parameters(), lr=1e-3).step()
+    with pytest.raises(ValueError, match="complex"):
+        MicroAdam([torch.zeros(3, dtype=torch.complex64, requires_grad=True)], lr=1e-3)
+
+
+# ---- memory -------------------------------------------------------------------------------------
+def test_state_bytes_exact_and_under_target():
+    p = torch.zeros(4096, 4096, requires_grad=True)
+    opt = MicroAdam([p], lr=1e-3)  # window 10, density 1%, block 4096, bucket 2048
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    k = math.ceil(0.01 * 4096)  # 41 entries per 4096-element row
+    expected = 4096 * (10 * k * (2 + 2) + 4096 // 2 + 2 * 8) + 8  # window, 4-bit codes, (lo, hi), step
+    assert opt.state_bytes() == expected == 15_171_592
+    assert opt.state_bytes() / p.numel() <= 0.91
+
+
+def test_state_bytes_of_ragged_geometry():
+    # rows of 100 with block 64: blocks 64 (k=4) + 36 (k=2); buckets 4 + 3; codes 32 + 18 bytes
+    p = torch.zeros(12, 100, requires_grad=True)
+    opt = MicroAdam([p], lr=1e-3, **SMALL)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state_bytes() == 12 * (4 * (4 + 2) * 4 + (32 + 18) + (4 + 3) * 8) + 8
+
+
+def test_step_transient_memory_is_bounded():
+    """Peak RSS during a step on a 3e7-element parameter grows by far less than the parameter."""
+    script = textwrap.dedent("""
+        import os, resource, torch
+        from microadam_dist import MicroAdam
+        torch.set_num_threads(1)
+        p = torch.zeros(30_000_000, requires_grad=True)
+        p.grad = torch.zeros_like(p)
+        opt = MicroAdam([p], lr=0.0)
+        opt.step()  # the probe: state only
+        p.grad.normal_()  # in place, so the peak so far is the current resident size
+        opt.param_groups[0]["lr"] = 1e-3
+        base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 <= base + (8 << 20)
+        opt.step(); opt.step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(peak - base)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    transient = int(out.stdout.split()[-1])
+    param_bytes = 30_000_000 * 4
+    # chunks of 2^20 elements need ~40 MB; one dense fp32 temporary of the parameter is 120 MB
+    assert 1 << 20 < transient < 0.5 * param_bytes, transient
