@@ -214,6 +214,11 @@ def microadam_blocks_(
                 v.param.copy_(p.view(nr, nc, n))
 
 
+def any_nonzero(t: torch.Tensor, chunk_elements: int) -> bool:
+    """t.any() without a bool temporary the size of t."""
+    return any(bool(c.any()) for c in t.reshape(-1).split(chunk_elements))
+
+
 def init_state(geometry: Geometry, window_size: int, b0: int, b1: int, device) -> dict[str, torch.Tensor]:
     """Zero state for blocks [b0, b1): an empty window and an error feedback of exactly 0."""
     k, ef, buckets = geometry.state_sizes(b0, b1)
@@ -246,6 +251,7 @@ def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, floa
 __all__ = [
     "STATE_DTYPES",
     "StepConfig",
+    "any_nonzero",
     "bias_corrections",
     "dequantize_4bit",
     "init_state",

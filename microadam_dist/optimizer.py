@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .functional import STATE_DTYPES, StepConfig, init_state, microadam_blocks_, state_shapes
+from .functional import STATE_DTYPES, StepConfig, any_nonzero, init_state, microadam_blocks_, state_shapes
 from .geometry import Geometry, geometry_for
 
 #: Fixed defaults, never derived from the device (see docs/design.md for the reasoning).
@@ -69,11 +69,6 @@ def validate_hyperparameters(group: dict[str, Any]) -> None:
             f"Invalid quant_bucket_size: {q!r}; it must be an integer that divides "
             f"block_size={b} (buckets tile each block)"
         )
-
-
-def _any_nonzero(t: torch.Tensor, chunk: int) -> bool:
-    """t.any() without a bool temporary the size of t."""
-    return any(bool(c.any()) for c in t.reshape(-1).split(chunk))
 
 
 class MicroAdam(torch.optim.Optimizer):
@@ -185,7 +180,7 @@ class MicroAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(init_state(geom, group["window_size"], 0, geom.num_blocks, p.device))
-                    if group["lr"] == 0 and not _any_nonzero(grad, self.chunk_elements):
+                    if group["lr"] == 0 and not any_nonzero(grad, self.chunk_elements):
                         continue  # state-creating probe: nothing else changes
                 state["step"] += 1
                 cfg = StepConfig(

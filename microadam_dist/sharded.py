@@ -1,0 +1,229 @@
+"""MicroAdam steps on sharded parameters: the one place where ranks exchange block pieces.
+
+A rank holds *segments*: contiguous ranges ``[start, end)`` of a parameter's global flat index
+(a piece of a ZeRO flat partition, an FSDP shard). Blocks are owned by the rank that holds their
+first element. A segment's *head* (its elements before its first block start) belongs to a
+block owned by an earlier rank; its *tail* (the rest of its last owned block) lives on later
+ranks. Each step:
+
+  1. every rank all-gathers its heads (gradient and parameter values, fp32);
+  2. owners append the tail pieces they need and run ``functional.microadam_blocks_`` on their
+     owned blocks, exactly as a single process would;
+  3. owners all-gather the updated tail values back, and every rank writes its head.
+
+So the result is bitwise the single-process one (spec property P1) for any cut, at the cost of
+two small all-gathers (at most ``block_size - 1`` elements per cut). Segments that start and end
+on block boundaries (FSDP2 shards of 2-D and larger parameters: whole rows) exchange nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .functional import StepConfig, any_nonzero, init_state, microadam_blocks_
+from .geometry import Geometry
+
+
+@dataclass
+class Segment:
+    """Elements [start, start + numel) of parameter ``key`` held by this rank."""
+
+    key: Hashable  # the same on every rank, e.g. the parameter's fully qualified name
+    geometry: Geometry
+    start: int
+    param: torch.Tensor  # 1-D, contiguous, updated in place
+    grad: torch.Tensor | None  # 1-D, same length
+    group: dict[str, Any]  # lr, betas, eps, weight_decay, window_size (a param group)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.param.numel()
+
+    def owned_blocks(self) -> tuple[int, int]:
+        g = self.geometry
+        return g.first_block_at_or_after(self.start), g.first_block_at_or_after(self.end)
+
+    def region(self) -> tuple[int, int]:
+        """Global elements [e0, e1) of the owned blocks (may run past ``end``, into the tail)."""
+        b0, b1 = self.owned_blocks()
+        return self.geometry.block_start(b0)[0], self.geometry.block_start(b1)[0]
+
+    def head(self) -> tuple[int, int]:
+        return self.start, min(self.end, self.region()[0])
+
+    def tail_end(self) -> int:
+        """End of the elements this rank steps: past ``end`` when its last block runs on."""
+        b0, b1 = self.owned_blocks()
+        return max(self.end, self.region()[1]) if b1 > b0 else self.end
+
+
+@dataclass
+class _Plan:
+    """Who sends what, computed identically on every rank from everyone's segment ranges."""
+
+    send_len: int = 0  # per-rank buffer length of the forward all-gather
+    return_len: int = 0  # ... and of the backward one
+    my_heads: list = field(default_factory=list)  # (seg index, local off, length, send off)
+    my_tails: list = field(default_factory=list)  # (seg index, [(src rank, src off, length, return off)])
+    my_head_returns: list = field(default_factory=list)  # (seg index, local off, length, owner, off)
+
+
+def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: int) -> _Plan:
+    """layout[r] = [(key, start, end, head_end, tail_end), ...] of rank r's segments, in order."""
+    plan = _Plan()
+    heads = {}  # (key, start) -> (rank, send offset)
+    send_lens = []
+    for r, segs in enumerate(layout):
+        off = 0
+        for i, (key, start, end, head_end, _) in enumerate(segs):
+            if head_end > start:
+                heads[(key, start)] = (r, off)
+                if r == rank:
+                    plan.my_heads.append((i, 0, head_end - start, off))
+                off += 2 * (head_end - start)  # gradient values, then parameter values
+        send_lens.append(off)
+    # each owner's tail: the heads of later segments of the same parameter, in element order
+    returned = {}  # (key, start) -> (owner, return offset)
+    return_lens = []
+    for r, segs in enumerate(layout):
+        off = 0
+        for i, (key, start, end, head_end, tail_end) in enumerate(segs):
+            pieces = []
+            pos = end
+            while pos < tail_end:
+                src = [(s, e, h) for segs_q in layout for (k, s, e, h, _) in segs_q if k == key and s == pos]
+                if not src:
+                    raise RuntimeError(f"no rank holds elements from {pos} of parameter {key!r}")
+                s, e, h = src[0]
+                src_rank, src_off = heads[(key, s)]
+                if h - s != min(e, tail_end) - s:
+                    raise RuntimeError(f"inconsistent shard layout of parameter {key!r} at {pos}")
+                pieces.append((src_rank, src_off, h - s, off))
+                returned[(key, s)] = (r, off)
+                off += h - s
+                pos = h
+            if r == rank and pieces:
+                plan.my_tails.append((i, pieces))
+        return_lens.append(off)
+    for i, (key, start, end, head_end, _) in enumerate(layout[rank]):
+        if head_end > start:
+            if (key, start) not in returned:
+                raise RuntimeError(f"elements [{start}, {head_end}) of parameter {key!r} belong to a "
+                                   "block whose first element no rank holds")
+            owner, off = returned[(key, start)]
+            plan.my_head_returns.append((i, 0, head_end - start, owner, off))
+    plan.send_len, plan.return_len = max(send_lens), max(return_lens)
+    return plan
+
+
+class ShardedStepper:
+    """Runs MicroAdam steps on one process group's segments; keeps the exchange plan cached."""
+
+    def __init__(self, process_group=None):
+        self.process_group = process_group
+        self._plan_key = None
+        self._plan: _Plan | None = None
+
+    def _world(self) -> tuple[int, int]:
+        if not dist.is_available() or not dist.is_initialized():
+            return 0, 1
+        return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+
+    def plan(self, segments: list[Segment]) -> _Plan:
+        rank, world = self._world()
+        mine = [(s.key, s.start, s.end, s.head()[1], s.tail_end()) for s in segments]
+        if mine == self._plan_key and self._plan is not None:
+            return self._plan
+        everyone = [None] * world
+        if world > 1:
+            dist.all_gather_object(everyone, mine, group=self.process_group)
+        else:
+            everyone = [mine]
+        self._plan = _build_plan(everyone, rank)
+        self._plan_key = mine
+        return self._plan
+
+    @torch.no_grad()
+    def step(self, segments: list[Segment], states: dict[Hashable, dict], chunk_elements: int) -> None:
+        rank, world = self._world()
+        plan = self.plan(segments)
+        device = segments[0].param.device if segments else torch.device("cpu")
+        probe = self._is_probe(segments, states, world, device)
+        for seg in segments:
+            if seg.key not in states or not states[seg.key]:
+                b0, b1 = seg.owned_blocks()
+                states[seg.key] = init_state(seg.geometry, seg.group["window_size"], b0, b1, seg.param.device)
+        if probe:
+            return
+
+        # 1. heads out
+        send = torch.zeros(plan.send_len, dtype=torch.float32, device=device)
+        for i, off, n, dst in plan.my_heads:
+            seg = segments[i]
+            if seg.grad is not None:
+                send[dst:dst + n] = seg.grad[off:off + n]
+            send[dst + n:dst + 2 * n] = seg.param[off:off + n]
+        gathered = self._all_gather(send, world)
+
+        # 2. owners step on their blocks, the received tail appended
+        ret = torch.zeros(plan.return_len, dtype=torch.float32, device=device)
+        tails = dict(plan.my_tails)
+        for i, seg in enumerate(segments):
+            b0, b1 = seg.owned_blocks()
+            if seg.grad is None:
+                self._fill_returns(ret, tails.get(i, []), gathered, param=None)
+                continue
+            state = states[seg.key]
+            state["step"] += 1
+            if b1 == b0:
+                continue
+            e0, e1 = seg.region()
+            lo, hi = e0 - seg.start, min(e1, seg.end) - seg.start
+            param, grad = seg.param[lo:hi], seg.grad[lo:hi]
+            if i in tails:
+                pieces = tails[i]
+                param = torch.cat([param] + [gathered[r][o + n:o + 2 * n].to(param.dtype) for r, o, n, _ in pieces])
+                grad = torch.cat([grad] + [gathered[r][o:o + n].to(grad.dtype) for r, o, n, _ in pieces])
+            g = seg.group
+            cfg = StepConfig(lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
+                             weight_decay=g["weight_decay"], window_size=g["window_size"],
+                             step=int(state["step"]), chunk_elements=chunk_elements)
+            microadam_blocks_(seg.geometry, b0, b1, param, grad, state, cfg)
+            if i in tails:
+                seg.param[lo:hi].copy_(param[:hi - lo])
+                self._fill_returns(ret, tails[i], gathered, param=param[hi - lo:])
+
+        # 3. updated heads back
+        if world > 1:
+            back = self._all_gather(ret, world)
+            for i, off, n, owner, src in plan.my_head_returns:
+                segments[i].param[off:off + n].copy_(back[owner][src:src + n])
+
+    @staticmethod
+    def _fill_returns(ret, pieces, gathered, param):
+        pos = 0
+        for r, o, n, dst in pieces:
+            ret[dst:dst + n] = gathered[r][o + n:o + 2 * n] if param is None else param[pos:pos + n]
+            pos += n
+
+    def _all_gather(self, t: torch.Tensor, world: int) -> list[torch.Tensor]:
+        if world == 1:
+            return [t]
+        out = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(out, t, group=self.process_group)
+        return out
+
+    def _is_probe(self, segments, states, world, device) -> bool:
+        """The state-creating probe (lr 0, zero gradients, empty state), decided by all ranks."""
+        fresh = [s for s in segments if s.key not in states or not states[s.key]]
+        not_probe = any(s.group["lr"] != 0 or (s.grad is not None and any_nonzero(s.grad, 1 << 20))
+                        for s in fresh)
+        flags = torch.tensor([int(bool(fresh)), int(not_probe)], dtype=torch.int64, device=device)
+        if world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
+        return bool(flags[0]) and not bool(flags[1])
