@@ -135,10 +135,10 @@ class _ChunkViews:
         self.num_blocks = nr * nc
         self.param = _view(param, e_off, (nr, nc, n), (p.elem_row_stride, n, 1))
         self.grad = _view(grad, e_off, (nr, nc, n), (p.elem_row_stride, n, 1))
-        win_k = state["window_idx"].shape[1]
-        self.win_idx = _view(state["window_idx"], k_off, (state["window_idx"].shape[0], nr, nc, k),
-                             (win_k, p.k_row_stride, k, 1))
-        self.win_val = _view(state["window_val"], k_off, self.win_idx.shape, self.win_idx.stride())
+        # window tensors may be column slices of a larger [m, K] tensor: step over slots by stride
+        wi, wv = state["window_idx"], state["window_val"]
+        self.win_idx = _view(wi, k_off, (wi.shape[0], nr, nc, k), (wi.stride(0), p.k_row_stride, k, 1))
+        self.win_val = _view(wv, k_off, (wv.shape[0], nr, nc, k), (wv.stride(0), p.k_row_stride, k, 1))
         self.ef_codes = _view(state["ef_codes"], ef_off, (nr, nc, p.ef_bytes), (p.ef_row_stride, p.ef_bytes, 1))
         self.ef_stats = _view(state["ef_stats"], 2 * q_off, (nr, nc, p.buckets, 2),
                               (2 * p.bucket_row_stride, 2 * p.buckets, 2, 1))
@@ -162,7 +162,9 @@ def microadam_blocks_(
     """One MicroAdam step, in place, on blocks [b0, b1) of one parameter.
 
     ``param`` and ``grad`` are flat contiguous tensors holding exactly the elements of those blocks
-    (any floating dtype); ``state`` holds the state of exactly those blocks (``init_state``).
+    (any floating dtype); ``state`` holds the state of exactly those blocks (``init_state``): its
+    tensors may be views into larger ones (window tensors sliced along dim 1, the others along
+    dim 0), as long as their last dimension is contiguous.
     """
     slot = (cfg.step - 1) % cfg.window_size
     filled = min(cfg.step, cfg.window_size)

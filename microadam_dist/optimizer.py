@@ -102,6 +102,12 @@ class MicroAdam(torch.optim.Optimizer):
     #: 36 bytes per chunk element; see docs/design.md)
     chunk_elements: int = 1 << 20
 
+    #: Set by an engine integration whose parameters are engine-owned flat buffers (DeepSpeed
+    #: ZeRO's partitions). It must provide ``step_group(opt, group_index, group) -> bool`` (True
+    #: when it stepped that group), ``state_dict(opt, sd) -> sd`` and
+    #: ``load_state_dict(opt, sd) -> sd | None`` (None when it loaded everything itself).
+    engine_adapter = None
+
     def __init__(
         self,
         params: Iterable,
@@ -170,7 +176,9 @@ class MicroAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
+            if self.engine_adapter is not None and self.engine_adapter.step_group(self, group_index, group):
+                continue
             for p in group["params"]:
                 if p.grad is None or p.numel() == 0:
                     continue
@@ -208,6 +216,12 @@ class MicroAdam(torch.optim.Optimizer):
             raise RuntimeError(f"gradient on {grad.device} but parameter on {p.device}")
 
     # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.engine_adapter is not None:
+            sd = self.engine_adapter.state_dict(self, sd)
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state, refusing state of another geometry and keeping every state dtype.
 
@@ -215,6 +229,10 @@ class MicroAdam(torch.optim.Optimizer):
         dtype (bf16 window values would become fp32, fp32 statistics would become bf16), so the
         state tensors are put back afterwards exactly as saved, on the parameter's device.
         """
+        if self.engine_adapter is not None:
+            state_dict = self.engine_adapter.load_state_dict(self, state_dict)
+            if state_dict is None:
+                return
         saved_groups = state_dict.get("param_groups")
         if saved_groups is None or "state" not in state_dict:
             raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups'")

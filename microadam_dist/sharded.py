@@ -155,9 +155,10 @@ class ShardedStepper:
         device = segments[0].param.device if segments else torch.device("cpu")
         probe = self._is_probe(segments, states, world, device)
         for seg in segments:
-            if seg.key not in states or not states[seg.key]:
+            state = states.setdefault(seg.key, {})
+            if not state:  # filled in place: callers may pass their own (empty) dicts
                 b0, b1 = seg.owned_blocks()
-                states[seg.key] = init_state(seg.geometry, seg.group["window_size"], b0, b1, seg.param.device)
+                state.update(init_state(seg.geometry, seg.group["window_size"], b0, b1, seg.param.device))
         if probe:
             return
 
