@@ -234,15 +234,55 @@ def init_state(geometry: Geometry, window_size: int, b0: int, b1: int, device) -
     }
 
 
-def state_shapes(geometry: Geometry, window_size: int, b0: int = 0, b1: int | None = None) -> dict[str, tuple]:
-    k, ef, buckets = geometry.state_sizes(b0, b1)
+def canonical_shapes(geometry: Geometry, window_size: int) -> dict[str, tuple]:
+    """Shapes of a whole parameter's state in the canonical *row form* that checkpoints hold.
+
+    The row dimension (dim 1 of the window tensors, dim 0 of the others) has one entry per
+    parameter row, so a checkpoint can be cut or joined at any row, like the parameter itself.
+    """
+    (k_row, q_row, e_row), rows = geometry.per_row, geometry.rows
     return {
         "step": (),
-        "window_idx": (window_size, k),
-        "window_val": (window_size, k),
-        "ef_codes": (ef,),
-        "ef_stats": (buckets, 2),
+        "window_idx": (window_size, rows, k_row),
+        "window_val": (window_size, rows, k_row),
+        "ef_codes": (rows, e_row),
+        "ef_stats": (rows, q_row, 2),
     }
+
+
+def to_row_form(state: dict, geometry: Geometry, window_size: int, rows: int) -> dict[str, torch.Tensor]:
+    """Views of internal (flat) state covering ``rows`` whole rows, in row form."""
+    k_row, q_row, e_row = geometry.per_row
+    return {
+        "step": state["step"],
+        "window_idx": state["window_idx"].view(window_size, rows, k_row),
+        "window_val": state["window_val"].view(window_size, rows, k_row),
+        "ef_codes": state["ef_codes"].view(rows, e_row),
+        "ef_stats": state["ef_stats"].view(rows, q_row, 2),
+    }
+
+
+def from_row_form(values: dict, geometry: Geometry, window_size: int, b0: int = 0, b1: int | None = None,
+                  rows: int | None = None) -> dict[str, torch.Tensor]:
+    """Internal flat state (fresh tensors) from row form.
+
+    With ``rows``, ``values`` covers exactly that many rows and is only flattened; otherwise it
+    is the whole parameter's state and blocks [b0, b1) are cut out of it.
+    """
+    flat = {
+        "window_idx": values["window_idx"].reshape(window_size, -1),
+        "window_val": values["window_val"].reshape(window_size, -1),
+        "ef_codes": values["ef_codes"].reshape(-1),
+        "ef_stats": values["ef_stats"].reshape(-1, 2),
+    }
+    if rows is None:
+        (_, k0, e0, q0), (_, k1, e1, q1) = geometry.block_start(b0), geometry.block_start(
+            geometry.num_blocks if b1 is None else b1)
+        flat = {"window_idx": flat["window_idx"][:, k0:k1], "window_val": flat["window_val"][:, k0:k1],
+                "ef_codes": flat["ef_codes"][e0:e1], "ef_stats": flat["ef_stats"][q0:q1]}
+    out = {key: value.clone(memory_format=torch.contiguous_format) for key, value in flat.items()}
+    out["step"] = values["step"].detach().to("cpu", torch.int64).clone()
+    return out
 
 
 def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:
@@ -257,8 +297,10 @@ __all__ = [
     "bias_corrections",
     "dequantize_4bit",
     "init_state",
+    "canonical_shapes",
+    "from_row_form",
     "microadam_blocks_",
     "quantize_4bit",
     "select_topk",
-    "state_shapes",
+    "to_row_form",
 ]

@@ -12,7 +12,18 @@ from typing import Any
 
 import torch
 
-from .functional import STATE_DTYPES, StepConfig, any_nonzero, init_state, microadam_blocks_, state_shapes
+from . import fsdp
+from .functional import (
+    STATE_DTYPES,
+    StepConfig,
+    any_nonzero,
+    canonical_shapes,
+    from_row_form,
+    init_state,
+    microadam_blocks_,
+    to_row_form,
+)
+from .sharded import ShardedStepper
 from .geometry import Geometry, geometry_for
 
 #: Fixed defaults, never derived from the device (see docs/design.md for the reasoning).
@@ -171,6 +182,7 @@ class MicroAdam(torch.optim.Optimizer):
         A parameter whose grad is None is skipped (its step count does not advance). On empty
         state, a step with lr = 0 and an all-zero gradient only creates the state (this is the
         probe step torch.distributed.checkpoint runs) and leaves the step count at 0.
+        FSDP2 parameters (DTensors) step on their local shard; every rank must call ``step``.
         """
         loss = None
         if closure is not None:
@@ -179,28 +191,46 @@ class MicroAdam(torch.optim.Optimizer):
         for group_index, group in enumerate(self.param_groups):
             if self.engine_adapter is not None and self.engine_adapter.step_group(self, group_index, group):
                 continue
-            for p in group["params"]:
-                if p.grad is None or p.numel() == 0:
+            sharded: dict[Any, list] = {}  # process group -> [(param, segment)]
+            for param_index, p in enumerate(group["params"]):
+                if p.numel() == 0:
                     continue
-                grad = p.grad
-                self._check_grad(p, grad)
-                geom = self.geometry(p, group)
-                state = self.state[p]
-                if not state:
-                    state.update(init_state(geom, group["window_size"], 0, geom.num_blocks, p.device))
-                    if group["lr"] == 0 and not any_nonzero(grad, self.chunk_elements):
-                        continue  # state-creating probe: nothing else changes
-                state["step"] += 1
-                cfg = StepConfig(
-                    lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                    weight_decay=group["weight_decay"], window_size=group["window_size"],
-                    step=int(state["step"]), chunk_elements=self.chunk_elements,
-                )
-                flat_param = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
-                microadam_blocks_(geom, 0, geom.num_blocks, flat_param, grad.reshape(-1), state, cfg)
-                if flat_param.data_ptr() != p.data_ptr():
-                    p.copy_(flat_param.view_as(p))
+                if p.grad is not None:
+                    self._check_grad(p, p.grad)
+                if fsdp.is_dtensor(p):
+                    seg, pg = fsdp.dtensor_segment(p, (group_index, param_index), self.geometry(p, group), group)
+                    sharded.setdefault(pg, []).append((p, seg))
+                elif p.grad is not None:
+                    self._step_param(p, group)
+            for pg, items in sharded.items():
+                stepper = self._steppers.setdefault(pg, ShardedStepper(pg))
+                states = {seg.key: self.state[p] for p, seg in items if p.grad is not None}
+                stepper.step([seg for _, seg in items], states, self.chunk_elements)
         return loss
+
+    def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        geom = self.geometry(p, group)
+        state = self.state[p]
+        if not state:
+            state.update(init_state(geom, group["window_size"], 0, geom.num_blocks, p.device))
+            if group["lr"] == 0 and not any_nonzero(p.grad, self.chunk_elements):
+                return  # state-creating probe: nothing else changes
+        state["step"] += 1
+        cfg = StepConfig(
+            lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+            weight_decay=group["weight_decay"], window_size=group["window_size"],
+            step=int(state["step"]), chunk_elements=self.chunk_elements,
+        )
+        flat_param = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
+        microadam_blocks_(geom, 0, geom.num_blocks, flat_param, p.grad.reshape(-1), state, cfg)
+        if flat_param.data_ptr() != p.data_ptr():
+            p.copy_(flat_param.view_as(p))
+
+    @property
+    def _steppers(self) -> dict:
+        if "_microadam_steppers" not in self.__dict__:
+            self.__dict__["_microadam_steppers"] = {}
+        return self.__dict__["_microadam_steppers"]
 
     @staticmethod
     def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
@@ -217,17 +247,34 @@ class MicroAdam(torch.optim.Optimizer):
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict, each parameter's state in the canonical row form.
+
+        Row form (``functional.canonical_shapes``): window tensors ``(window_size, rows, k_row)``,
+        codes ``(rows, bytes_row)``, statistics ``(rows, buckets_row, 2)``; FSDP2 parameters'
+        state is DTensors (sharded by rows like the parameter, or replicated for 1-D ones), so
+        torch.distributed.checkpoint saves it once and reshards it. Every rank must call it.
+        """
         sd = super().state_dict()
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if index in sd["state"]:
+                    state, geom, m = sd["state"][index], self.geometry(p, group), group["window_size"]
+                    if fsdp.is_dtensor(p):
+                        sd["state"][index] = fsdp.export_state(p, state, geom, m)
+                    else:
+                        sd["state"][index] = to_row_form(state, geom, m, rows=geom.rows)
+                index += 1
         if self.engine_adapter is not None:
             sd = self.engine_adapter.state_dict(self, sd)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state, refusing state of another geometry and keeping every state dtype.
+        """Load state, refusing state of another geometry, optimizer or model.
 
-        torch.optim.Optimizer.load_state_dict casts floating-point state to the parameter's
-        dtype (bf16 window values would become fp32, fp32 statistics would become bf16), so the
-        state tensors are put back afterwards exactly as saved, on the parameter's device.
+        The state tensors keep their saved dtypes (torch's loader would cast floating-point state
+        to the parameter's dtype: bf16 window values to fp32, fp32 statistics to bf16), so only
+        the hyperparameters go through ``torch.optim.Optimizer.load_state_dict``.
         """
         if self.engine_adapter is not None:
             state_dict = self.engine_adapter.load_state_dict(self, state_dict)
@@ -260,18 +307,24 @@ class MicroAdam(torch.optim.Optimizer):
                 raise ValueError(f"the state_dict has state for unknown parameter id {pid!r}")
             p, group = id_to_param[pid]
             self._check_saved_state(pid, p, group, st)
-        super().load_state_dict(state_dict)
+        imported = {}
         for pid, st in state_dict["state"].items():
-            p, _ = id_to_param[pid]
-            self.state[p] = {
-                key: value.to(device="cpu" if key == "step" else p.device, copy=True)
-                for key, value in st.items()
-            }
+            p, group = id_to_param[pid]
+            geom, m = self.geometry(p, group), group["window_size"]
+            if fsdp.is_dtensor(p):
+                imported[p] = fsdp.import_state(p, st, geom, m)
+            else:
+                imported[p] = from_row_form(st, geom, m)
+            imported[p] = {k: v if k == "step" else v.to(p.device) for k, v in imported[p].items()}
+        super().load_state_dict({**state_dict, "state": {}})  # hyperparameters only
+        for p, st in imported.items():
+            self.state[p] = st
 
     def _check_saved_state(self, pid, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
-        expected = state_shapes(self.geometry(p, group), group["window_size"])
-        if set(st) != set(expected):
-            raise ValueError(f"state of parameter {pid!r} has keys {sorted(st)}, expected MicroAdam's "
+        expected = canonical_shapes(self.geometry(p, group), group["window_size"])
+        if not isinstance(st, dict) or set(st) != set(expected):
+            keys = sorted(st) if isinstance(st, dict) else type(st).__name__
+            raise ValueError(f"state of parameter {pid!r} has keys {keys}, expected MicroAdam's "
                              f"{sorted(expected)}: is this another optimizer's checkpoint?")
         for key, shape in expected.items():
             value = st[key]

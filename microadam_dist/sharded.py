@@ -155,6 +155,8 @@ class ShardedStepper:
         device = segments[0].param.device if segments else torch.device("cpu")
         probe = self._is_probe(segments, states, world, device)
         for seg in segments:
+            if seg.grad is None:
+                continue
             state = states.setdefault(seg.key, {})
             if not state:  # filled in place: callers may pass their own (empty) dicts
                 b0, b1 = seg.owned_blocks()

@@ -1,0 +1,163 @@
+"""FSDP2 (fully_shard): the sharded step equals one process, and DCP checkpoints reshard."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_tensor
+
+from microadam_dist import MicroAdam
+from dist_utils import run_workers
+
+HP = dict(lr=1e-2, weight_decay=0.1, window_size=3, density=0.05, block_size=64, quant_bucket_size=16)
+
+
+class Net(nn.Module):
+    """Parameters chosen to be awkward: rows longer than a block (ragged tail blocks), fewer rows
+    than ranks (empty shards), uneven row counts, and 1-D parameters cut inside blocks."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.lin = nn.Linear(70, 7)  # weight (7, 70), bias (7,)
+        self.cube = nn.Parameter(torch.randn(5, 3, 70, generator=gen))
+        self.vec = nn.Parameter(torch.randn(130, generator=gen))
+        self.few = nn.Parameter(torch.randn(3, 20, generator=gen))
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(7, 70, generator=gen))
+            self.lin.bias.copy_(torch.randn(7, generator=gen))
+
+
+def grads_at(step, model_params):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=gen) for p in model_params]
+
+
+def single_process(steps):
+    """Reference run: plain parameters, one process."""
+    model = Net()
+    opt = MicroAdam(model.parameters(), **HP)
+    for t in range(steps):
+        for p, g in zip(model.parameters(), grads_at(t, list(model.parameters()))):
+            p.grad = g
+        opt.step()
+    return model, opt
+
+
+def sharded_model(world):
+    mesh = init_device_mesh("cpu", (world,))
+    model = Net()
+    fully_shard(model, mesh=mesh)
+    return model, mesh
+
+
+def inject(model, mesh, step):
+    for p, g in zip(model.parameters(), grads_at(step, list(model.parameters()))):
+        p.grad = distribute_tensor(g, mesh, p.placements)
+
+
+def _full(v):
+    if not hasattr(v, "full_tensor"):
+        return v.clone()
+    if v.dtype == torch.int16:  # neither gloo nor NCCL all-gathers int16
+        return v.to(torch.int32).full_tensor().to(torch.int16)
+    return v.full_tensor().clone()  # on a 1-rank mesh full_tensor() may alias the state
+
+
+def full_state(opt):
+    """Canonical (row form) state of every parameter, as full plain tensors."""
+    return {i: {k: _full(v) for k, v in st.items()} for i, st in opt.state_dict()["state"].items()}
+
+
+def _p1_worker(rank, world, steps, out_dir):
+    model, mesh = sharded_model(world)
+    opt = MicroAdam(model.parameters(), **HP)
+    for t in range(steps):
+        inject(model, mesh, t)
+        opt.step()
+    params = [p.full_tensor() for p in model.parameters()]
+    state = full_state(opt)
+    if rank == 0:
+        torch.save({"params": params, "state": state}, f"{out_dir}/result.pt")
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_fsdp2_step_is_bitwise_single_process(tmp_path, world):
+    run_workers(_p1_worker, world, 6, str(tmp_path))
+    got = torch.load(tmp_path / "result.pt")
+    model, opt = single_process(6)
+    for a, b in zip(got["params"], model.parameters()):
+        assert torch.equal(a, b.detach())
+    want = full_state(opt)
+    for i in want:
+        for key in want[i]:
+            assert torch.equal(got["state"][i][key], want[i][key]), (i, key)
+
+
+# ---- DCP: save at 2 ranks, load at 1..4 ----------------------------------------------------------
+SAVE_AT = 3
+AFTER = 5
+
+
+def _save_worker(rank, world, out_dir):
+    model, mesh = sharded_model(world)
+    opt = MicroAdam(model.parameters(), **HP)
+    for t in range(SAVE_AT):
+        inject(model, mesh, t)
+        opt.step()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{out_dir}/ckpt")
+    saved_state = full_state(opt)
+    for t in range(SAVE_AT, SAVE_AT + AFTER):  # the run that is never resharded
+        inject(model, mesh, t)
+        opt.step()
+    params = [p.full_tensor() for p in model.parameters()]
+    if rank == 0:
+        torch.save({"state": saved_state, "params": params}, f"{out_dir}/reference.pt")
+
+
+def _load_worker(rank, world, out_dir):
+    model, mesh = sharded_model(world)
+    opt = MicroAdam(model.parameters(), **HP)
+    model_sd, optim_sd = get_state_dict(model, opt)  # runs the state-creating probe step
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{out_dir}/ckpt")
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    loaded_state = full_state(opt)
+    for t in range(SAVE_AT, SAVE_AT + AFTER):
+        inject(model, mesh, t)
+        opt.step()
+    params = [p.full_tensor() for p in model.parameters()]
+    if rank == 0:
+        torch.save({"state": loaded_state, "params": params}, f"{out_dir}/loaded{world}.pt")
+
+
+def test_dcp_save_at_2_load_at_1_to_4(tmp_path):
+    run_workers(_save_worker, 2, str(tmp_path))
+    ref = torch.load(tmp_path / "reference.pt")
+    for world in (1, 2, 3, 4):
+        run_workers(_load_worker, world, str(tmp_path))
+        got = torch.load(tmp_path / f"loaded{world}.pt")
+        for i in ref["state"]:
+            for key in ref["state"][i]:
+                assert torch.equal(got["state"][i][key], ref["state"][i][key]), (world, i, key)
+        for a, b in zip(got["params"], ref["params"]):
+            assert torch.equal(a, b), world
+
+
+def _probe_worker(rank, world, out_dir):
+    model, mesh = sharded_model(world)
+    before = [p.full_tensor() for p in model.parameters()]
+    opt = MicroAdam(model.parameters(), **HP)
+    get_state_dict(model, opt)
+    assert all(int(opt.state[p]["step"]) == 0 for p in model.parameters())
+    for a, p in zip(before, model.parameters()):
+        assert torch.equal(a, p.full_tensor())
+    dist.barrier()
+
+
+def test_dcp_probe_step_changes_nothing(tmp_path):
+    run_workers(_probe_worker, 2, str(tmp_path))
