@@ -171,8 +171,13 @@ class MicroAdam(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Exact bytes of all optimizer state tensors (the per-parameter step counters included)."""
-        return sum(t.numel() * t.element_size()
-                   for st in self.state.values() for t in st.values() if isinstance(t, torch.Tensor))
+        def nbytes(x) -> int:
+            if isinstance(x, torch.Tensor):
+                x = x.to_local() if fsdp.is_dtensor(x) else x
+                return x.numel() * x.element_size()
+            return sum(map(nbytes, x.values())) if isinstance(x, dict) else 0
+
+        return sum(map(nbytes, self.state.values()))
 
     # ---- the step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -200,6 +205,11 @@ class MicroAdam(torch.optim.Optimizer):
                 if fsdp.is_dtensor(p):
                     seg, pg = fsdp.dtensor_segment(p, (group_index, param_index), self.geometry(p, group), group)
                     sharded.setdefault(pg, []).append((p, seg))
+                elif getattr(p, "_fsdp_flattened", False):
+                    raise RuntimeError(
+                        "this parameter is an FSDP1 (FullyShardedDataParallel) shard: call "
+                        "microadam_dist.fsdp1.attach(optimizer, model) once after building the optimizer"
+                    )
                 elif p.grad is not None:
                     self._step_param(p, group)
             for pg, items in sharded.items():
@@ -255,6 +265,8 @@ class MicroAdam(torch.optim.Optimizer):
         torch.distributed.checkpoint saves it once and reshards it. Every rank must call it.
         """
         sd = super().state_dict()
+        if self.engine_adapter is not None:  # it owns the layout of its parameters' state
+            return self.engine_adapter.state_dict(self, sd)
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -265,8 +277,6 @@ class MicroAdam(torch.optim.Optimizer):
                     else:
                         sd["state"][index] = to_row_form(state, geom, m, rows=geom.rows)
                 index += 1
-        if self.engine_adapter is not None:
-            sd = self.engine_adapter.state_dict(self, sd)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
