@@ -208,8 +208,9 @@ def _train_worker(rank, world, mode, out_dir):
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh("cpu", (world,))
-    if mode == "bf16":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if mode.startswith("bf16"):
+        reduce = torch.bfloat16 if mode == "bf16-reduce" else torch.float32
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
     if mode == "offload":
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
     for block in model.blocks:
@@ -239,6 +240,7 @@ def _train_worker(rank, world, mode, out_dir):
     ("hsdp", 4, 1e-5),
     # bf16 compute (fp32 master weights and reduction): bf16 rounding of activations, ~1%
     ("bf16", 2, 2e-2),
+    ("bf16-reduce", 2, 2e-2),  # gradients reduced in bf16 too
 ])
 def test_fsdp2_training_matches_single_process(tmp_path, mode, world, rel_tol):
     run_workers(_train_worker, world, mode, str(tmp_path))
