@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test bench clean
 
 demo: $(STAMP)
-	$(PY) -m microadam_dist.train
+	$(PY) -m microadam_dist.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,triton]"
+	$(PY) -m pip install -q -e ".[dev,demo,triton]"
 	touch $(STAMP)
 
 clean:

@@ -11,13 +11,18 @@ final validation loss, tokens per second and the exact optimizer-state bytes (pe
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
 from .data import get_batch, split_corpus
@@ -95,24 +100,65 @@ def evaluate(model: GPT, data: torch.Tensor, args, device, batches: int = 8) -> 
     return sum(losses) / len(losses)
 
 
+def make_optimizer(name: str, model, args):
+    if name == "microadam":
+        return MicroAdam(model.parameters(), lr=args.lr_microadam, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr_adamw, weight_decay=args.weight_decay)
+
+
+def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
+    """DCP checkpoint, written beside ``path`` and renamed into place once complete."""
+    rank = world()[0]
+    partial = path.with_name(path.name + ".partial")
+    if rank == 0 and partial.exists():
+        shutil.rmtree(partial)
+    if dist.is_initialized():
+        dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        (partial / "train_meta.json").write_text(json.dumps(meta))
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            path.rename(old)
+        partial.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(path: Path, model, opt) -> dict:
+    if not (path / "train_meta.json").exists():
+        raise SystemExit(f"{path} is not a complete checkpoint of this job (no train_meta.json)")
+    model_sd, optim_sd = get_state_dict(model, opt)  # templates at this world size
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    return json.loads((path / "train_meta.json").read_text())
+
+
 def train_one(name: str, args, device) -> RunResult:
     model = build_model(args, device)
-    lr = args.lr_microadam if name == "microadam" else args.lr_adamw
-    if name == "microadam":
-        opt = MicroAdam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    opt = make_optimizer(name, model, args)
+    base_lr = args.lr_microadam if name == "microadam" else args.lr_adamw
+    start_step, losses, history = 0, [], []
+    if args.resume:
+        meta = load_checkpoint(Path(args.resume) / name, model, opt)
+        start_step, losses, history = meta["step"], meta["losses"], meta["history"]
+    history = history + [{"start": start_step, "world_size": world()[1]}]
     train, val = split_corpus()
-    gen = torch.Generator().manual_seed(args.seed)
-    losses = []
+    stop = min(args.stop_at or args.steps, args.steps)
     start = time.perf_counter()
-    bar = tqdm(range(args.steps), desc=f"{name:>9}", disable=args.quiet or world()[0] != 0, ncols=100)
+    bar = tqdm(range(start_step, stop), desc=f"{name:>9}", disable=args.quiet or world()[0] != 0, ncols=100)
     for step in bar:
-        # the same schedule for both: linear warm-up, then cosine decay
+        # the same schedule for both: linear warm-up, then cosine decay to 0 at --steps
         frac = min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for g in opt.param_groups:
-            g["lr"] = lr * frac
-        x, y = get_batch(train, args.batch_size, args.context, gen)
+            g["lr"] = base_lr * frac
+        # the batch depends only on the step: resumable, and the same at any world size
+        x, y = get_batch(train, args.batch_size, args.context, torch.Generator().manual_seed(args.seed * 100003 + step))
         loss = model(local_slice(x).to(device), local_slice(y).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,28 +166,40 @@ def train_one(name: str, args, device) -> RunResult:
         losses.append(mean_across_ranks(loss.item()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     seconds = time.perf_counter() - start
+    if args.save:
+        save_checkpoint(Path(args.save) / name, model, opt,
+                        {"step": stop, "losses": losses, "history": history, "args": vars(args)})
     n = sum(p.numel() for p in model.parameters())
-    tokens = args.steps * args.batch_size * args.context
+    tokens = max(1, stop - start_step) * args.batch_size * args.context
     local_bytes = optimizer_state_bytes(opt)
     total_bytes = round(mean_across_ranks(local_bytes) * world()[1])
-    return RunResult(name, losses, evaluate(model, val, args, device), local_bytes, total_bytes, n, seconds,
-                     tokens / seconds)
+    result = RunResult(name, losses, evaluate(model, val, args, device), local_bytes, total_bytes, n, seconds,
+                       tokens / max(seconds, 1e-9))
+    if args.out and world()[0] == 0:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"losses_{name}.json").write_text(json.dumps(
+            {**asdict(result), "history": history, "steps": args.steps}))
+    return result
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=16, help="global batch (split across ranks)")
+    ap.add_argument("--batch-size", type=int, default=12, help="global batch, split across ranks (12: 1, 2, 3, 4 or 6 ranks)")
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--optimizers", nargs="+", default=["microadam", "adamw"], choices=["microadam", "adamw"])
-    ap.add_argument("--lr-microadam", type=float, default=1e-2)
+    ap.add_argument("--lr-microadam", type=float, default=5e-3)
     ap.add_argument("--lr-adamw", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stop-at", type=int, default=None, help="stop (and --save) before this step")
+    ap.add_argument("--save", default=None, help="directory for DCP checkpoints (one per optimizer)")
+    ap.add_argument("--resume", default=None, help="checkpoint directory written by --save")
+    ap.add_argument("--out", default=None, help="directory for the loss histories (JSON)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap.parse_args(argv)
 
@@ -170,9 +228,10 @@ def main(argv=None) -> list[RunResult]:
 
 
 def report(results: list[RunResult], args, size: int) -> None:
-    every = max(1, args.steps // 10)
+    done = len(results[0].losses)
+    every = max(1, done // 10)
     print(f"\n{'step':>6} " + " ".join(f"{r.name:>10}" for r in results))
-    for s in range(every - 1, args.steps, every):
+    for s in range(every - 1, done, every):
         window = slice(max(0, s - every + 1), s + 1)
         print(f"{s + 1:>6} " + " ".join(f"{sum(r.losses[window]) / len(r.losses[window]):>10.4f}" for r in results))
     print(f"\n{'optimizer':<10} {'val loss':>9} {'state bytes':>12} {'rank 0':>12} {'bytes/param':>12} "
