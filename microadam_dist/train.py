@@ -184,6 +184,8 @@ def train_one(name: str, args, device) -> RunResult:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None,
+                    help="JSON file of defaults (keys are these options, with _ for -), e.g. configs/main_job.json")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=12, help="global batch, split across ranks (12: 1, 2, 3, 4 or 6 ranks)")
     ap.add_argument("--context", type=int, default=64)
@@ -201,7 +203,15 @@ def parse_args(argv=None):
     ap.add_argument("--resume", default=None, help="checkpoint directory written by --save")
     ap.add_argument("--out", default=None, help="directory for the loss histories (JSON)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.config:
+        defaults = json.loads(Path(args.config).read_text())
+        unknown = set(defaults) - set(vars(args))
+        if unknown:
+            raise SystemExit(f"{args.config}: unknown keys {sorted(unknown)}")
+        ap.set_defaults(**defaults)
+        args = ap.parse_args(argv)  # command-line options still win over the file
+    return args
 
 
 def main(argv=None) -> list[RunResult]:

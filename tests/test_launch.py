@@ -70,3 +70,32 @@ def test_resume_at_another_world_size_continues_the_same_run(tmp_path):
     assert len(resumed) == 8
     # fp32 reduction order differs between 2 ranks and 1: agreement to ~1e-6 relative
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(resumed, straight)), (resumed, straight)
+
+
+def test_mpirun_discovers_ranks_through_mpi4py():
+    """mpirun -np 2 (the `mpi` extra's Open MPI): ranks from mpi4py, training over gloo."""
+    import shutil
+
+    mpirun = Path(sys.executable).with_name("mpirun")
+    if not mpirun.exists():
+        mpirun = shutil.which("mpirun")
+    assert mpirun, "mpirun not found: install the project with its `mpi` extra"
+    env = {**os.environ, "NP": "2", "MPIRUN": str(mpirun), "PYTHON": sys.executable,
+           "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", str(ROOT / "launch/mpirun.sh"), *TINY], env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "(world size 2)" in out.stdout, out.stdout
+
+
+def test_main_job_config_file(tmp_path):
+    from microadam_dist.train import parse_args
+
+    args = parse_args(["--config", str(ROOT / "configs/main_job.json"), "--steps", "7"])
+    assert args.steps == 7 and args.width == 128  # the command line wins over the file
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"stpes": 5}')
+    import pytest
+
+    with pytest.raises(SystemExit, match="unknown keys"):
+        parse_args(["--config", str(bad)])
