@@ -10,8 +10,13 @@ created) state are not counted.
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
+
+import torch
 
 CHILD = """
 import os, resource, time, torch
@@ -45,7 +50,16 @@ def main():
         print(f"numel {n:>12,}  transient {r['transient_bytes'] / 2**20:8.1f} MiB "
               f"({r['transient_bytes'] / r['chunk_elements']:.1f} B per chunk element)  "
               f"state {r['state_bytes'] / n:.4f} B/param  step {r['step_seconds']:.3f} s")
+    out = Path(__file__).parent / "results" / "step_memory.md"
+    lines = ["# Transient memory of one MicroAdam step (reference path, CPU)", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+             f"one run per size; chunk of {rows[0]['chunk_elements']:,} elements.", "",
+             "| elements | transient (MiB) | state (bytes/param) | step (s) |", "|---|---|---|---|"]
+    lines += [f"| {r['numel']:,} | {r['transient_bytes'] / 2**20:.1f} | {r['state_bytes'] / r['numel']:.4f} | "
+              f"{r['step_seconds']:.3f} |" for r in rows]
+    out.write_text("\n".join(lines) + "\n")
     print(json.dumps(rows))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
