@@ -174,3 +174,22 @@ def test_block_ranges_and_chunks_are_bitwise_equal_to_whole(shape):
         assert torch.equal(p, whole_p)
         for k in whole_s:
             assert torch.equal(s[k], whole_s[k]), k
+
+
+def test_select_fast_path_equals_the_key_rule():
+    """The float top-k fast path picks exactly what the unique-key rule picks, ties and NaN too."""
+    from microadam_dist.functional import _select_by_key
+
+    gen = torch.Generator().manual_seed(6)
+    for trial in range(200):
+        n = int(torch.randint(1, 300, (), generator=gen))
+        k = int(torch.randint(1, n + 1, (), generator=gen))
+        a = torch.randn(7, n, generator=gen)
+        if trial % 3 == 0:
+            a = torch.randint(-3, 4, (7, n), generator=gen).float()  # many exact ties
+        if trial % 7 == 0:
+            a[0, :3] = float("nan")
+        if trial % 5 == 0:
+            a[1] = 0.0
+            a[2, ::2] = -0.0
+        assert torch.equal(select_topk(a, k), _select_by_key(a, k)), (n, k)
