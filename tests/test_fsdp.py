@@ -48,8 +48,8 @@ def single_process(steps):
     return model, opt
 
 
-def sharded_model(world):
-    mesh = init_device_mesh("cpu", (world,))
+def sharded_model(world, hsdp=False):
+    mesh = init_device_mesh("cpu", (2, world // 2) if hsdp else (world,))
     model = Net()
     fully_shard(model, mesh=mesh)
     return model, mesh
@@ -73,8 +73,8 @@ def full_state(opt):
     return {i: {k: _full(v) for k, v in st.items()} for i, st in opt.state_dict()["state"].items()}
 
 
-def _p1_worker(rank, world, steps, out_dir):
-    model, mesh = sharded_model(world)
+def _p1_worker(rank, world, steps, out_dir, hsdp=False):
+    model, mesh = sharded_model(world, hsdp)
     opt = MicroAdam(model.parameters(), **HP)
     for t in range(steps):
         inject(model, mesh, t)
@@ -85,9 +85,9 @@ def _p1_worker(rank, world, steps, out_dir):
         torch.save({"params": params, "state": state}, f"{out_dir}/result.pt")
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_fsdp2_step_is_bitwise_single_process(tmp_path, world):
-    run_workers(_p1_worker, world, 6, str(tmp_path))
+@pytest.mark.parametrize("world, hsdp", [(2, False), (3, False), (4, False), (4, True)])
+def test_fsdp2_step_is_bitwise_single_process(tmp_path, world, hsdp):
+    run_workers(_p1_worker, world, 6, str(tmp_path), hsdp)
     got = torch.load(tmp_path / "result.pt")
     model, opt = single_process(6)
     for a, b in zip(got["params"], model.parameters()):
