@@ -49,7 +49,8 @@ def single_process(steps):
 
 
 def sharded_model(world, hsdp=False):
-    mesh = init_device_mesh("cpu", (2, world // 2) if hsdp else (world,))
+    mesh = (init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if hsdp
+            else init_device_mesh("cpu", (world,)))
     model = Net()
     fully_shard(model, mesh=mesh)
     return model, mesh
