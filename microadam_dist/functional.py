@@ -197,7 +197,11 @@ def microadam_blocks_(
     w2 = torch.tensor([cfg.beta2**q for q in ages], dtype=torch.float32, device=device).view(-1, 1, 1)
     bucket = geometry.quant_bucket_size
 
-    for piece in geometry.pieces(b0, b1):
+    pieces = geometry.pieces(b0, b1)
+    # M and S scratch for the largest chunk, zero between chunks (only touched entries are reset)
+    largest = max((min(p.numel, max(cfg.chunk_elements, p.block_len)) for p in pieces), default=0)
+    scratch = torch.zeros(2, largest, dtype=torch.float32, device=device)
+    for piece in pieces:
         n, k = piece.block_len, piece.k
         for r0, nr, c0, nc in _chunks(piece, cfg.chunk_elements):
             v = _ChunkViews(piece, r0, nr, c0, nc, param, grad, state)
@@ -216,22 +220,25 @@ def microadam_blocks_(
             v.ef_codes.copy_(new_codes.view(nr, nc, -1))
             v.ef_stats.copy_(new_stats.view(nr, nc, -1, 2))
             del a, codes, stats, new_codes, new_stats
-            # 5. rebuild M and S at the window's indices (zero elsewhere)
+            # 5. M and S at the window's indices: summed in zeroed scratch (an index may sit in
+            #    several slots), read back at those indices only, the scratch zeroed again
             win_idx = v.win_idx[:filled].reshape(filled, nb, k).long()
             win_val = v.win_val[:filled].reshape(filled, nb, k).float()
             flat_idx = win_idx.permute(1, 0, 2).reshape(nb, filled * k)
-            m_sum = torch.zeros(nb, n, dtype=torch.float32, device=device)
-            s_sum = torch.zeros(nb, n, dtype=torch.float32, device=device)
+            m_sum, s_sum = scratch.view(2, -1)[:, :nb * n].view(2, nb, n).unbind(0)
             m_sum.scatter_add_(1, flat_idx, (win_val * w1).permute(1, 0, 2).reshape(nb, filled * k))
             s_sum.scatter_add_(1, flat_idx, (win_val * win_val * w2).permute(1, 0, 2).reshape(nb, filled * k))
-            del win_idx, win_val, flat_idx
-            update = m_sum.mul_(c1).div_(s_sum.mul_(c2).sqrt_().add_(cfg.eps))
-            del s_sum
-            # 4 + 6. decoupled weight decay, then the update; one rounding to the param's dtype
+            m_at, s_at = m_sum.gather(1, flat_idx), s_sum.gather(1, flat_idx)
+            m_sum.scatter_(1, flat_idx, 0.0)
+            s_sum.scatter_(1, flat_idx, 0.0)
+            update = m_at.mul_(c1).div_(s_at.mul_(c2).sqrt_().add_(cfg.eps))  # U, zero elsewhere
+            del win_idx, win_val, s_at
+            # 4 + 6. decoupled weight decay (dense), then the sparse update; one rounding to the
+            #    parameter's dtype (an index repeated across slots writes the same value twice)
             p = _flat_blocks(v.param, nb).float()
             if cfg.weight_decay != 0.0:
                 p.mul_(decay)
-            p.add_(update, alpha=-cfg.lr)
+            p.scatter_(1, flat_idx, p.gather(1, flat_idx).add_(update, alpha=-cfg.lr))
             if p.data_ptr() != v.param.data_ptr():  # p was a copy (bf16, or a strided chunk)
                 v.param.copy_(p.view(nr, nc, n))
 
