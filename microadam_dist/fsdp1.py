@@ -90,7 +90,8 @@ class FSDP1Adapter:
         for pg, items in by_pg.items():
             stepper = self.steppers.setdefault(pg, ShardedStepper(pg))
             states = {seg.key: state.setdefault(j, {}) for state, j, seg in items}
-            stepper.step([seg for _, _, seg in items], states, opt.chunk_elements)
+            device = items[0][2].param.device
+            stepper.step([seg for _, _, seg in items], states, opt.chunk_elements, opt.blocks_fn(device))
         return True
 
     # per-rank state: saved and reloaded as it is, at the same world size

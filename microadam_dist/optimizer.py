@@ -35,6 +35,20 @@ BACKENDS = ("auto", "torch", "triton")
 GEOMETRY_KEYS = ("window_size", "density", "block_size", "quant_bucket_size")
 
 
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_blocks():
+    from .kernels.triton_path import microadam_blocks_triton_
+
+    return microadam_blocks_triton_
+
+
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -134,11 +148,9 @@ class MicroAdam(torch.optim.Optimizer):
     ):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; choose one of {BACKENDS}")
-        if backend == "triton":
-            raise RuntimeError(
-                "backend='triton' is not available in this version of microadam_dist; "
-                "use backend='torch' (or 'auto', which picks the PyTorch path)"
-            )
+        if backend == "triton" and not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package: pip install 'microadam_dist[triton]' "
+                               "(or use backend='torch' / 'auto')")
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, window_size=window_size, density=density,
@@ -179,6 +191,16 @@ class MicroAdam(torch.optim.Optimizer):
 
         return sum(map(nbytes, self.state.values()))
 
+    def blocks_fn(self, device: torch.device):
+        """The implementation of one step on a block range for tensors on ``device``.
+
+        ``"auto"`` takes the Triton kernels for CUDA tensors when triton is installed, the
+        PyTorch reference otherwise (always on the CPU).
+        """
+        if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda" and triton_available()):
+            return _triton_blocks()
+        return microadam_blocks_
+
     # ---- the step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -215,7 +237,8 @@ class MicroAdam(torch.optim.Optimizer):
             for pg, items in sharded.items():
                 stepper = self._steppers.setdefault(pg, ShardedStepper(pg))
                 states = {seg.key: self.state[p] for p, seg in items if p.grad is not None}
-                stepper.step([seg for _, seg in items], states, self.chunk_elements)
+                device = items[0][1].param.device
+                stepper.step([seg for _, seg in items], states, self.chunk_elements, self.blocks_fn(device))
         return loss
 
     def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
@@ -232,7 +255,10 @@ class MicroAdam(torch.optim.Optimizer):
             step=int(state["step"]), chunk_elements=self.chunk_elements,
         )
         flat_param = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
-        microadam_blocks_(geom, 0, geom.num_blocks, flat_param, p.grad.reshape(-1), state, cfg)
+        grad = p.grad.reshape(-1)
+        if self.backend != "torch" and not grad.is_contiguous():
+            grad = grad.contiguous()
+        self.blocks_fn(p.device)(geom, 0, geom.num_blocks, flat_param, grad, state, cfg)
         if flat_param.data_ptr() != p.data_ptr():
             p.copy_(flat_param.view_as(p))
 

@@ -149,7 +149,9 @@ class ShardedStepper:
         return self._plan
 
     @torch.no_grad()
-    def step(self, segments: list[Segment], states: dict[Hashable, dict], chunk_elements: int) -> None:
+    def step(self, segments: list[Segment], states: dict[Hashable, dict], chunk_elements: int,
+             blocks_fn=microadam_blocks_) -> None:
+        """One step of every segment; ``blocks_fn`` is the reference or the Triton path."""
         rank, world = self._world()
         plan = self.plan(segments)
         device = segments[0].param.device if segments else torch.device("cpu")
@@ -196,7 +198,7 @@ class ShardedStepper:
             cfg = StepConfig(lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
                              weight_decay=g["weight_decay"], window_size=g["window_size"],
                              step=int(state["step"]), chunk_elements=chunk_elements)
-            microadam_blocks_(seg.geometry, b0, b1, param, grad, state, cfg)
+            blocks_fn(seg.geometry, b0, b1, param, grad, state, cfg)
             if i in tails:
                 seg.param[lo:hi].copy_(param[:hi - lo])
                 self._fill_returns(ret, tails[i], gathered, param=param[hi - lo:])

@@ -179,9 +179,12 @@ def test_invalid_group_hyperparameter_leaves_optimizer_unchanged():
     assert len(opt.param_groups) == 1
 
 
-def test_triton_backend_not_yet_available():
-    with pytest.raises(RuntimeError, match="backend='triton'"):
+def test_triton_backend_without_triton_is_refused(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if triton were not installed
+    with pytest.raises(RuntimeError, match="backend='triton' needs the triton package"):
         MicroAdam([torch.zeros(3, requires_grad=True)], lr=1e-3, backend="triton")
+    opt = MicroAdam([torch.zeros(3, requires_grad=True)], lr=1e-3, backend="auto")
+    assert opt.blocks_fn(torch.device("cpu")).__name__ == "microadam_blocks_"
 
 
 def test_rejects_sparse_and_complex():

@@ -1,0 +1,224 @@
+"""Triton kernels for one MicroAdam step on a range of whole blocks (the GPU path).
+
+Same contract as ``microadam_dist.functional.microadam_blocks_``: flat contiguous parameter and
+gradient buffers holding exactly blocks [b0, b1) of one parameter (a whole parameter, an FSDP
+shard, a ZeRO partition's piece), and that range's state. One launch per ``Geometry.Piece`` (a
+rectangle of equal-length blocks), one program per block, two passes over memory:
+
+1. ``_compress``: reads the gradient, the 4-bit codes and the bucket statistics; accumulates
+   ``a = g + dequant(e)`` in fp32; selects the top-k with the reference's unique key (so the
+   same indices, in the same order); writes the ring slot (int16 indices, bf16 values); quantizes
+   the residual; writes codes and statistics.
+2. ``_update``: reads the window's ``min(t, m) * k`` entries of the block, sums duplicates by
+   comparing entries with each other (no dense M, S or U anywhere, not even per block), and
+   applies ``p -= lr * c1 M / (sqrt(c2 S) + eps)`` once per distinct index. With weight decay it
+   also scales the whole block, rounding each element once, as the reference does.
+
+Numerics for bitwise agreement with the reference where it matters: IEEE-rounded division and
+square root (``div_rn``, ``sqrt_rn``), bf16 produced by explicit round-to-nearest-even on the
+fp32 bits (the interpreter's casts truncate), bf16 loaded by bit shifts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from microadam_dist.functional import StepConfig, bias_corrections
+from microadam_dist.geometry import Geometry
+
+UPDATE_TILE = 32  # window entries compared with all others at a time
+MAX_WINDOW_ENTRIES = 8192  # window_size * k per block the update kernel handles
+
+
+@triton.jit
+def _bf16_bits_to_f32(bits):
+    return (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _f32_to_bf16_bits(x):
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)  # round to nearest, ties to even
+    return (rounded >> 16).to(tl.int16)
+
+
+@triton.jit
+def _compress(
+    grad_ptr, codes_ptr, stats_ptr, idx_ptr, val_ptr,
+    n, k, num_cols, buckets, ef_bytes, bucket_size,
+    elem_off, elem_row, k_off, k_row, ef_off, ef_row, q_off, q_row,
+    BLOCK: tl.constexpr, HALF: tl.constexpr, GRAD_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // num_cols
+    col = pid % num_cols
+    e0 = elem_off + row * elem_row + col * n
+    k0 = k_off + row * k_row + col * k
+    c0 = ef_off + row * ef_row + col * ef_bytes
+    q0 = q_off + row * q_row + col * buckets
+    offs = tl.arange(0, BLOCK)
+    inside = offs < n
+
+    # 1. a = g + dequant(e)
+    if GRAD_BF16:
+        g = _bf16_bits_to_f32(tl.load(grad_ptr + e0 + offs, mask=inside, other=0))
+    else:
+        g = tl.load(grad_ptr + e0 + offs, mask=inside, other=0.0)
+    byte = tl.load(codes_ptr + c0 + offs // 2, mask=inside, other=0).to(tl.int32)
+    code = (byte >> ((offs % 2) * 4)) & 0xF
+    bucket = offs // bucket_size
+    lo = tl.load(stats_ptr + 2 * (q0 + bucket), mask=inside, other=0.0)
+    hi = tl.load(stats_ptr + 2 * (q0 + bucket) + 1, mask=inside, other=0.0)
+    a = g + (lo + code.to(tl.float32) * tl.div_rn(hi - lo, 15.0))
+    a = tl.where(inside, a, 0.0)
+
+    # 2. top-k by the unique key (|a| bits above the reversed index), largest first
+    key = (tl.abs(a).to(tl.int32, bitcast=True).to(tl.int64) << 15) | (n - 1 - offs).to(tl.int64)
+    key = tl.where(inside, key, -1)
+    for j in range(0, k):
+        best = tl.max(key, axis=0)
+        chosen = key == best
+        value = tl.sum(tl.where(chosen, a, 0.0), axis=0)
+        tl.store(idx_ptr + k0 + j, ((n - 1) - (best & 0x7FFF)).to(tl.int16))
+        tl.store(val_ptr + k0 + j, _f32_to_bf16_bits(value))
+        a = tl.where(chosen, 0.0, a)
+        key = tl.where(chosen, -1, key)
+
+    # 3. quantize the residual per bucket
+    codes = tl.zeros([BLOCK], dtype=tl.int32)
+    for b in range(0, buckets):
+        here = inside & (bucket == b)
+        b_lo = tl.min(tl.where(here, a, float("inf")), axis=0)
+        b_hi = tl.max(tl.where(here, a, float("-inf")), axis=0)
+        u = tl.div_rn(b_hi - b_lo, 15.0)
+        q = tl.floor(tl.div_rn(a - b_lo, tl.where(u > 0, u, 1.0)) + 0.5)
+        q = tl.minimum(tl.maximum(q, 0.0), 15.0)
+        codes = tl.where(here, q.to(tl.int32), codes)
+        tl.store(stats_ptr + 2 * (q0 + b), b_lo)
+        tl.store(stats_ptr + 2 * (q0 + b) + 1, b_hi)
+    even, odd = tl.split(tl.reshape(codes, [HALF, 2]))
+    pair = tl.arange(0, HALF)
+    tl.store(codes_ptr + c0 + pair, (even | (odd << 4)).to(tl.uint8), mask=pair < ef_bytes)
+
+
+
+@triton.jit
+def _update(
+    param_ptr, idx_ptr, val_ptr, w1_ptr, w2_ptr,
+    n, k, num_cols, filled, slot_stride,
+    elem_off, elem_row, k_off, k_row,
+    lr, c1, c2, eps, decay,
+    ENTRIES: tl.constexpr, TILE: tl.constexpr, PARAM_BF16: tl.constexpr,
+    DECAY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // num_cols
+    col = pid % num_cols
+    e0 = elem_off + row * elem_row + col * n
+    k0 = k_off + row * k_row + col * k
+    total = filled * k
+    ent = tl.arange(0, ENTRIES)
+    valid = ent < total
+    slot = ent // k
+    where = slot * slot_stride + k0 + ent % k
+    idx = tl.load(idx_ptr + where, mask=valid, other=0).to(tl.int32)
+    idx = tl.where(valid, idx, -1 - ent)  # padding never matches a real index or another pad
+    v = _bf16_bits_to_f32(tl.load(val_ptr + where, mask=valid, other=0))
+    w1 = tl.load(w1_ptr + slot, mask=valid, other=0.0)
+    w2 = tl.load(w2_ptr + slot, mask=valid, other=0.0)
+    cm = v * w1
+    cs = v * v * w2
+    if DECAY:
+        # dense decay, rounded once together with the update: keep the window entries' old
+        # values, write every element decayed, then overwrite the entries (after a barrier)
+        p_entries = tl.load(param_ptr + e0 + idx, mask=valid, other=0)
+        if PARAM_BF16:
+            p_entries = _bf16_bits_to_f32(p_entries)
+        offs = tl.arange(0, BLOCK)
+        if PARAM_BF16:
+            p = _bf16_bits_to_f32(tl.load(param_ptr + e0 + offs, mask=offs < n, other=0))
+            tl.store(param_ptr + e0 + offs, _f32_to_bf16_bits(p * decay), mask=offs < n)
+        else:
+            p = tl.load(param_ptr + e0 + offs, mask=offs < n, other=0.0)
+            tl.store(param_ptr + e0 + offs, p * decay, mask=offs < n)
+        tl.debug_barrier()
+    for t0 in range(0, ENTRIES, TILE):
+        mine = t0 + tl.arange(0, TILE)
+        my_idx = tl.load(idx_ptr + (mine // k) * slot_stride + k0 + mine % k, mask=mine < total, other=0)
+        my_idx = tl.where(mine < total, my_idx.to(tl.int32), -1 - mine)
+        same = my_idx[:, None] == idx[None, :]
+        m_sum = tl.sum(tl.where(same, cm[None, :], 0.0), axis=1)
+        s_sum = tl.sum(tl.where(same, cs[None, :], 0.0), axis=1)
+        first = tl.min(tl.where(same, ent[None, :], ENTRIES), axis=1) == mine  # one write per index
+        upd = tl.div_rn(m_sum * c1, tl.sqrt_rn(s_sum * c2) + eps)
+        write = (mine < total) & first
+        if DECAY:
+            p = tl.sum(tl.where(ent[None, :] == mine[:, None], p_entries[None, :], 0.0), axis=1) * decay
+        elif PARAM_BF16:
+            p = _bf16_bits_to_f32(tl.load(param_ptr + e0 + my_idx, mask=write, other=0))
+        else:
+            p = tl.load(param_ptr + e0 + my_idx, mask=write, other=0.0)
+        if PARAM_BF16:
+            tl.store(param_ptr + e0 + my_idx, _f32_to_bf16_bits(p - lr * upd), mask=write)
+        else:
+            tl.store(param_ptr + e0 + my_idx, p - lr * upd, mask=write)
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    """bf16 tensors travel as int16 bit patterns (the kernels convert by shifts)."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def microadam_blocks_triton_(
+    geometry: Geometry,
+    b0: int,
+    b1: int,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    cfg: StepConfig,
+) -> None:
+    """The Triton path of ``functional.microadam_blocks_`` (same arguments, same results)."""
+    if param.dtype not in (torch.float32, torch.bfloat16) or grad.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"the Triton path takes fp32 or bf16 parameters and gradients, got "
+                        f"{param.dtype} and {grad.dtype}")
+    if not (param.is_contiguous() and grad.is_contiguous()):
+        raise ValueError("the Triton path needs contiguous parameter and gradient buffers")
+    win_idx, win_val = state["window_idx"], state["window_val"]
+    if win_idx.stride(1) != 1 or state["ef_codes"].stride(0) != 1 or not state["ef_stats"].is_contiguous():
+        raise ValueError("the Triton path needs state tensors whose last dimension is contiguous")
+    m = cfg.window_size
+    slot = (cfg.step - 1) % m
+    filled = min(cfg.step, m)
+    ages = [(cfg.step - 1 - s) % m for s in range(filled)]
+    w1 = torch.tensor([cfg.beta1**q for q in ages], dtype=torch.float32, device=param.device)
+    w2 = torch.tensor([cfg.beta2**q for q in ages], dtype=torch.float32, device=param.device)
+    c1, c2 = bias_corrections(cfg.step, cfg.beta1, cfg.beta2)
+    grad_bits, param_bits = _as_bits(grad), _as_bits(param)
+    idx_slot = win_idx[slot]
+    val_slot = win_val[slot].view(torch.int16)
+    for piece in geometry.pieces(b0, b1):
+        n, k = piece.block_len, piece.k
+        block = triton.next_power_of_2(max(n, 2))
+        entries = triton.next_power_of_2(max(filled * k, UPDATE_TILE))
+        if entries > MAX_WINDOW_ENTRIES:
+            raise ValueError(f"the Triton path handles window_size * k <= {MAX_WINDOW_ENTRIES} entries per "
+                             f"block, got {m} * {k}; use backend='torch' or a smaller density/block_size")
+        grid = (piece.num_blocks,)
+        _compress[grid](
+            grad_bits, state["ef_codes"], state["ef_stats"], idx_slot, val_slot,
+            n, k, piece.num_cols, piece.buckets, piece.ef_bytes, geometry.quant_bucket_size,
+            piece.elem_offset, piece.elem_row_stride, piece.k_offset, piece.k_row_stride,
+            piece.ef_offset, piece.ef_row_stride, piece.bucket_offset, piece.bucket_row_stride,
+            BLOCK=block, HALF=block // 2, GRAD_BF16=grad.dtype == torch.bfloat16,
+        )
+        _update[grid](
+            param_bits, win_idx, win_val.view(torch.int16), w1, w2,
+            n, k, piece.num_cols, filled, win_idx.stride(0),
+            piece.elem_offset, piece.elem_row_stride, piece.k_offset, piece.k_row_stride,
+            cfg.lr, c1, c2, cfg.eps, 1.0 - cfg.lr * cfg.weight_decay,
+            ENTRIES=entries, TILE=UPDATE_TILE, PARAM_BF16=param.dtype == torch.bfloat16,
+            DECAY=cfg.weight_decay != 0.0, BLOCK=block,
+        )
