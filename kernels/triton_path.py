@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from microadam_dist.functional import StepConfig, bias_corrections
+from microadam_dist.functional import StepConfig, bias_corrections, window_weights
 from microadam_dist.geometry import Geometry
 
 UPDATE_TILE = 32  # window entries compared with all others at a time
@@ -190,11 +190,7 @@ def microadam_blocks_triton_(
     if win_idx.stride(1) != 1 or state["ef_codes"].stride(0) != 1 or not state["ef_stats"].is_contiguous():
         raise ValueError("the Triton path needs state tensors whose last dimension is contiguous")
     m = cfg.window_size
-    slot = (cfg.step - 1) % m
-    filled = min(cfg.step, m)
-    ages = [(cfg.step - 1 - s) % m for s in range(filled)]
-    w1 = torch.tensor([cfg.beta1**q for q in ages], dtype=torch.float32, device=param.device)
-    w2 = torch.tensor([cfg.beta2**q for q in ages], dtype=torch.float32, device=param.device)
+    slot, filled, w1, w2 = window_weights(cfg, param.device)
     c1, c2 = bias_corrections(cfg.step, cfg.beta1, cfg.beta2)
     grad_bits, param_bits = _as_bits(grad), _as_bits(param)
     idx_slot = win_idx[slot]

@@ -186,15 +186,11 @@ def microadam_blocks_(
     tensors may be views into larger ones (window tensors sliced along dim 1, the others along
     dim 0), as long as their last dimension is contiguous.
     """
-    slot = (cfg.step - 1) % cfg.window_size
-    filled = min(cfg.step, cfg.window_size)
-    # ages of the filled slots: slot s was written at step t - q_s, q_s = (t - 1 - s) mod m
-    ages = [(cfg.step - 1 - s) % cfg.window_size for s in range(filled)]
+    slot, filled, w1, w2 = window_weights(cfg, param.device)
+    w1, w2 = w1.view(-1, 1, 1), w2.view(-1, 1, 1)
     decay = 1.0 - cfg.lr * cfg.weight_decay
     c1, c2 = bias_corrections(cfg.step, cfg.beta1, cfg.beta2)
     device = param.device
-    w1 = torch.tensor([cfg.beta1**q for q in ages], dtype=torch.float32, device=device).view(-1, 1, 1)
-    w2 = torch.tensor([cfg.beta2**q for q in ages], dtype=torch.float32, device=device).view(-1, 1, 1)
     bucket = geometry.quant_bucket_size
 
     pieces = geometry.pieces(b0, b1)
@@ -312,6 +308,18 @@ def from_row_form(values: dict, geometry: Geometry, window_size: int, b0: int = 
     return out
 
 
+def window_weights(cfg: StepConfig, device) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(slot written this step, filled slots, b1^q and b2^q per filled slot as fp32).
+
+    Slot s was written at step t - q_s, with age q_s = (t - 1 - s) mod m.
+    """
+    m, t = cfg.window_size, cfg.step
+    ages = [(t - 1 - s) % m for s in range(min(t, m))]
+    w1 = torch.tensor([cfg.beta1**q for q in ages], dtype=torch.float32, device=device)
+    w2 = torch.tensor([cfg.beta2**q for q in ages], dtype=torch.float32, device=device)
+    return (t - 1) % m, len(ages), w1, w2
+
+
 def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:
     """c1 = (1 - b1) / (1 - b1^t), c2 = (1 - b2) / (1 - b2^t): the scales applied to M and S."""
     return (1.0 - beta1) / (1.0 - beta1**step), (1.0 - beta2) / (1.0 - beta2**step)
@@ -330,4 +338,5 @@ __all__ = [
     "quantize_4bit",
     "select_topk",
     "to_row_form",
+    "window_weights",
 ]
