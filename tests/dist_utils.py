@@ -17,10 +17,9 @@ def _entry(rank, world_size, port, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world_size, *args)
+    dist.barrier()  # nobody tears gloo down while a peer still talks to it
+    dist.destroy_process_group()
 
 
 def run_workers(fn, world_size: int, *args) -> None:
