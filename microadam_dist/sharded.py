@@ -76,13 +76,13 @@ class _Plan:
 def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: int) -> _Plan:
     """layout[r] = [(key, start, end, head_end, tail_end), ...] of rank r's segments, in order."""
     plan = _Plan()
-    heads = {}  # (key, start) -> (rank, send offset)
+    heads = {}  # (key, start) -> (rank, send offset, end, head end) of every non-empty head
     send_lens = []
     for r, segs in enumerate(layout):
         off = 0
         for i, (key, start, end, head_end, _) in enumerate(segs):
             if head_end > start:
-                heads[(key, start)] = (r, off)
+                heads[(key, start)] = (r, off, end, head_end)
                 if r == rank:
                     plan.my_heads.append((i, 0, head_end - start, off))
                 off += 2 * (head_end - start)  # gradient values, then parameter values
@@ -96,16 +96,14 @@ def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: i
             pieces = []
             pos = end
             while pos < tail_end:
-                src = [(s, e, h) for segs_q in layout for (k, s, e, h, _) in segs_q if k == key and s == pos]
-                if not src:
+                if (key, pos) not in heads:
                     raise RuntimeError(f"no rank holds elements from {pos} of parameter {key!r}")
-                s, e, h = src[0]
-                src_rank, src_off = heads[(key, s)]
-                if h - s != min(e, tail_end) - s:
+                src_rank, src_off, e, h = heads[(key, pos)]
+                if h != min(e, tail_end):
                     raise RuntimeError(f"inconsistent shard layout of parameter {key!r} at {pos}")
-                pieces.append((src_rank, src_off, h - s, off))
-                returned[(key, s)] = (r, off)
-                off += h - s
+                pieces.append((src_rank, src_off, h - pos, off))
+                returned[(key, pos)] = (r, off)
+                off += h - pos
                 pos = h
             if r == rank and pieces:
                 plan.my_tails.append((i, pieces))
