@@ -91,7 +91,9 @@ class FSDP1Adapter:
             stepper = self.steppers.setdefault(pg, ShardedStepper(pg))
             states = {seg.key: state.setdefault(j, {}) for state, j, seg in items}
             device = items[0][2].param.device
-            stepper.step([seg for _, _, seg in items], states, opt.chunk_elements, opt.blocks_fn(device))
+            skipped = stepper.step([seg for _, _, seg in items], states, opt.chunk_elements, opt.blocks_fn(device))
+            for key in skipped:
+                opt._nonfinite(f"piece {key[2]} of parameter {key[1]} of group {key[0]} (FSDP1)")
         return True
 
     # per-rank state: saved and reloaded as it is, at the same world size

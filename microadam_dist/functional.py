@@ -244,6 +244,11 @@ def any_nonzero(t: torch.Tensor, chunk_elements: int) -> bool:
     return any(bool(c.any()) for c in t.reshape(-1).split(chunk_elements))
 
 
+def all_finite(t: torch.Tensor, chunk_elements: int) -> bool:
+    """No NaN or infinity in t, checked chunk by chunk (no temporary the size of t)."""
+    return all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(chunk_elements))
+
+
 def init_state(geometry: Geometry, window_size: int, b0: int, b1: int, device) -> dict[str, torch.Tensor]:
     """Zero state for blocks [b0, b1): an empty window and an error feedback of exactly 0."""
     k, ef, buckets = geometry.state_sizes(b0, b1)
@@ -328,6 +333,7 @@ def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, floa
 __all__ = [
     "STATE_DTYPES",
     "StepConfig",
+    "all_finite",
     "any_nonzero",
     "bias_corrections",
     "dequantize_4bit",

@@ -7,6 +7,7 @@ This file holds validation, state bookkeeping and checkpoint dtypes; the math li
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,6 +17,7 @@ from . import fsdp
 from .functional import (
     STATE_DTYPES,
     StepConfig,
+    all_finite,
     any_nonzero,
     canonical_shapes,
     from_row_form,
@@ -31,6 +33,7 @@ DEFAULT_BLOCK_SIZE = 4096
 DEFAULT_QUANT_BUCKET_SIZE = 2048
 MAX_BLOCK_SIZE = 1 << 15  # block-local indices are int16
 BACKENDS = ("auto", "torch", "triton")
+NONFINITE_POLICIES = ("skip", "raise")
 #: Hyperparameters that shape the state; a checkpoint made with other values cannot be loaded.
 GEOMETRY_KEYS = ("window_size", "density", "block_size", "quant_bucket_size")
 
@@ -145,9 +148,12 @@ class MicroAdam(torch.optim.Optimizer):
         block_size: int = DEFAULT_BLOCK_SIZE,
         quant_bucket_size: int = DEFAULT_QUANT_BUCKET_SIZE,
         backend: str = "auto",
+        nonfinite: str = "skip",
     ):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; choose one of {BACKENDS}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"Invalid nonfinite: {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
         if backend == "triton" and not triton_available():
             raise RuntimeError("backend='triton' needs the triton package: pip install 'microadam_dist[triton]' "
                                "(or use backend='torch' / 'auto')")
@@ -158,6 +164,9 @@ class MicroAdam(torch.optim.Optimizer):
         )
         validate_hyperparameters(defaults)
         self.backend = backend
+        self.nonfinite = nonfinite
+        #: parameter steps skipped so far because the gradient held a NaN or an infinity
+        self.nonfinite_skips = 0
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -238,10 +247,29 @@ class MicroAdam(torch.optim.Optimizer):
                 stepper = self._steppers.setdefault(pg, ShardedStepper(pg))
                 states = {seg.key: self.state[p] for p, seg in items if p.grad is not None}
                 device = items[0][1].param.device
-                stepper.step([seg for _, seg in items], states, self.chunk_elements, self.blocks_fn(device))
+                skipped = stepper.step([seg for _, seg in items], states, self.chunk_elements, self.blocks_fn(device))
+                for key in skipped:
+                    self._nonfinite(f"parameter {key[1]} of group {key[0]}")
         return loss
 
+    def _nonfinite(self, what: str) -> None:
+        """The policy for a gradient with a NaN or an infinity: the step of that parameter is
+        skipped (state, step count and parameter unchanged), counted and warned about; or, with
+        ``nonfinite="raise"``, an error (nothing has been changed for that parameter either)."""
+        self.nonfinite_skips += 1
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"MicroAdam: the gradient of {what} has a NaN or an infinity; its "
+                                     "state is untouched (use nonfinite='skip' to skip such steps)")
+        warnings.warn(f"MicroAdam skipped the step of {what}: its gradient has a NaN or an infinity "
+                      f"({self.nonfinite_skips} skipped so far; state untouched)", RuntimeWarning, stacklevel=3)
+
     def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        if not all_finite(p.grad, self.chunk_elements):
+            index = next(i for i, q in enumerate(group["params"]) if q is p)
+            group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            self._nonfinite(f"parameter {index} of group {group_index} "
+                            f"(shape {tuple(p.shape)})")
+            return
         geom = self.geometry(p, group)
         state = self.state[p]
         if not state:

@@ -19,13 +19,13 @@ on block boundaries (FSDP2 shards of 2-D and larger parameters: whole rows) exch
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .functional import StepConfig, any_nonzero, init_state, microadam_blocks_
+from .functional import StepConfig, all_finite, any_nonzero, init_state, microadam_blocks_
 from .geometry import Geometry
 
 
@@ -71,6 +71,7 @@ class _Plan:
     my_heads: list = field(default_factory=list)  # (seg index, local off, length, send off)
     my_tails: list = field(default_factory=list)  # (seg index, [(src rank, src off, length, return off)])
     my_head_returns: list = field(default_factory=list)  # (seg index, local off, length, owner, off)
+    keys: list = field(default_factory=list)  # every rank's parameter keys, in a common order
 
 
 def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: int) -> _Plan:
@@ -116,6 +117,7 @@ def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: i
             owner, off = returned[(key, start)]
             plan.my_head_returns.append((i, 0, head_end - start, owner, off))
     plan.send_len, plan.return_len = max(send_lens), max(return_lens)
+    plan.keys = list(dict.fromkeys(key for segs in layout for key, *_ in segs))
     return plan
 
 
@@ -148,12 +150,18 @@ class ShardedStepper:
 
     @torch.no_grad()
     def step(self, segments: list[Segment], states: dict[Hashable, dict], chunk_elements: int,
-             blocks_fn=microadam_blocks_) -> None:
-        """One step of every segment; ``blocks_fn`` is the reference or the Triton path."""
+             blocks_fn=microadam_blocks_) -> list[Hashable]:
+        """One step of every segment; ``blocks_fn`` is the reference or the Triton path.
+
+        Returns the keys of the parameters skipped because some rank's gradient piece held a NaN
+        or an infinity (all ranks skip them together: state, step count and values unchanged).
+        """
         rank, world = self._world()
         plan = self.plan(segments)
         device = segments[0].param.device if segments else torch.device("cpu")
-        probe = self._is_probe(segments, states, world, device)
+        probe, skipped = self._agree(segments, states, plan, world, device)
+        if skipped:
+            segments = [replace(seg, grad=None) if seg.key in skipped else seg for seg in segments]
         for seg in segments:
             if seg.grad is None:
                 continue
@@ -162,7 +170,7 @@ class ShardedStepper:
                 b0, b1 = seg.owned_blocks()
                 state.update(init_state(seg.geometry, seg.group["window_size"], b0, b1, seg.param.device))
         if probe:
-            return
+            return []
 
         # 1. heads out
         send = torch.zeros(plan.send_len, dtype=torch.float32, device=device)
@@ -206,6 +214,7 @@ class ShardedStepper:
             back = self._all_gather(ret, world)
             for i, off, n, owner, src in plan.my_head_returns:
                 segments[i].param[off:off + n].copy_(back[owner][src:src + n])
+        return sorted(skipped, key=plan.keys.index)
 
     @staticmethod
     def _fill_returns(ret, pieces, gathered, param):
@@ -221,12 +230,19 @@ class ShardedStepper:
         dist.all_gather(out, t, group=self.process_group)
         return out
 
-    def _is_probe(self, segments, states, world, device) -> bool:
-        """The state-creating probe (lr 0, zero gradients, empty state), decided by all ranks."""
-        fresh = [s for s in segments if s.key not in states or not states[s.key]]
-        not_probe = any(s.group["lr"] != 0 or (s.grad is not None and any_nonzero(s.grad, 1 << 20))
-                        for s in fresh)
-        flags = torch.tensor([int(bool(fresh)), int(not_probe)], dtype=torch.int64, device=device)
+    def _agree(self, segments, states, plan: _Plan, world, device) -> tuple[bool, set]:
+        """Decisions all ranks must share, in one all-reduce: is this the state-creating probe
+        (lr 0, zero gradients, empty state), and which parameters have a non-finite gradient."""
+        fresh = [s for s in segments if s.grad is not None and not states.get(s.key)]
+        not_probe = any(s.group["lr"] != 0 or any_nonzero(s.grad, 1 << 20) for s in fresh)
+        flags = torch.zeros(2 + len(plan.keys), dtype=torch.int64)
+        flags[0], flags[1] = int(bool(fresh)), int(not_probe)
+        for seg in segments:
+            if seg.grad is not None and not all_finite(seg.grad, 1 << 20):
+                flags[2 + plan.keys.index(seg.key)] = 1
         if world > 1:
+            flags = flags.to(device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
-        return bool(flags[0]) and not bool(flags[1])
+            flags = flags.cpu()
+        skipped = {key for key, bad in zip(plan.keys, flags[2:].tolist()) if bad}
+        return bool(flags[0]) and not bool(flags[1]), skipped

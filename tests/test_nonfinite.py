@@ -1,0 +1,102 @@
+"""A NaN or an infinity in a gradient never reaches the optimizer state (policy: skip or raise)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import distribute_tensor
+
+from microadam_dist import MicroAdam
+from dist_utils import run_workers
+
+HP = dict(lr=1e-2, weight_decay=0.1, block_size=64, quant_bucket_size=16, density=0.05, window_size=3)
+
+
+def snapshot(opt, p):
+    return p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+
+
+def assert_untouched(opt, p, snap):
+    value, state = snap
+    assert torch.equal(p.detach(), value)
+    for key, t in state.items():
+        assert torch.equal(opt.state[p][key], t), key
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_gradient_skips_that_parameter(backend, dtype, bad):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 70, generator=gen).to(dtype).requires_grad_()
+    b = torch.randn(50, generator=gen).to(dtype).requires_grad_()
+    opt = MicroAdam([a, b], backend=backend, **HP)
+    for _ in range(2):
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        opt.step()
+    snap_a, b_before = snapshot(opt, a), b.detach().clone()
+    g = torch.randn_like(a)
+    g[3, 17] = bad
+    a.grad, b.grad = g, torch.randn_like(b)
+    with pytest.warns(RuntimeWarning, match="NaN or an infinity"):
+        opt.step()
+    assert_untouched(opt, a, snap_a)  # state, step count and values as before
+    assert int(opt.state[b]["step"]) == 3 and not torch.equal(b.detach(), b_before)  # others step
+    assert opt.nonfinite_skips == 1
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()  # the next finite step goes on from the untouched state
+    assert int(opt.state[a]["step"]) == 3
+    assert all(torch.isfinite(t.float()).all() for t in opt.state[a].values())
+
+
+def test_nonfinite_raise_policy():
+    p = torch.randn(4, 64, requires_grad=True)
+    opt = MicroAdam([p], nonfinite="raise", **HP)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    snap = snapshot(opt, p)
+    p.grad = torch.full_like(p, float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN or an infinity"):
+        opt.step()
+    assert_untouched(opt, p, snap)
+    with pytest.raises(ValueError, match="Invalid nonfinite"):
+        MicroAdam([p], nonfinite="ignore", **HP)
+
+
+def _fsdp_worker(rank, world, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(70, 9)  # weight (9, 70): row shards; bias (9,): 1-D, owner scheme
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model, mesh=mesh)
+    opt = MicroAdam(model.parameters(), **HP)
+
+    def inject(step, poison):
+        gen = torch.Generator().manual_seed(step)
+        for p in model.parameters():
+            g = torch.randn(p.shape, generator=gen)
+            if poison and p.dim() == 1:
+                g[-1] = float("nan")  # the last element: on the last rank's piece only
+            p.grad = distribute_tensor(g, mesh, p.placements)
+
+    for t in range(2):
+        inject(t, poison=False)
+        opt.step()
+    weight, bias = model.weight, model.bias
+    before = {k: v.clone() for k, v in opt.state[bias].items()}
+    bias_before, weight_before = bias.full_tensor(), weight.full_tensor()
+    inject(2, poison=True)
+    opt.step()
+    # every rank skipped the bias (even ranks whose piece was finite), the weight stepped
+    assert all(torch.equal(opt.state[bias][k], v) for k, v in before.items())
+    assert torch.equal(bias.full_tensor(), bias_before)
+    assert not torch.equal(weight.full_tensor(), weight_before)
+    assert opt.nonfinite_skips == 1 and int(opt.state[weight]["step"]) == 3
+    dist.barrier()
+
+
+def test_nonfinite_on_one_rank_is_skipped_by_all_ranks(tmp_path):
+    run_workers(_fsdp_worker, 3, str(tmp_path))
