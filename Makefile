@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,demo,triton,mpi]"
+	$(PY) -m pip install -q -e ".[dev,demo,triton,mpi,deepspeed]"
 	touch $(STAMP)
 
 clean:

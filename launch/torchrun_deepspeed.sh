@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The torchrun equivalent of launch/deepspeed_hostfile.sh: a DeepSpeed job started by torchrun
+# (one agent per node; no ssh needed).
+#
+# Reads the environment (defaults for one node in brackets):
+#   NNODES [1]  NODE_RANK [0]  NPROC_PER_NODE [2]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]
+#   CONFIG [configs/ds_zero2.json]  MODULE [microadam_dist.deepspeed_zero]
+#   DS_ACCELERATOR [cpu when no CUDA device is visible]
+# Extra arguments are passed to the module.
+#
+# One node, 2 processes:   launch/torchrun_deepspeed.sh --steps 100
+# Two nodes (run on each): NNODES=2 NODE_RANK=<0|1> MASTER_ADDR=<node 0's address> launch/torchrun_deepspeed.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+if [ -z "${DS_ACCELERATOR:-}" ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  export DS_ACCELERATOR=cpu
+fi
+exec "$PY" -m torch.distributed.run \
+  --nnodes "${NNODES:-1}" \
+  --node-rank "${NODE_RANK:-0}" \
+  --nproc-per-node "${NPROC_PER_NODE:-2}" \
+  --master-addr "${MASTER_ADDR:-127.0.0.1}" \
+  --master-port "${MASTER_PORT:-29500}" \
+  -m "${MODULE:-microadam_dist.deepspeed_zero}" --deepspeed_config "${CONFIG:-configs/ds_zero2.json}" "$@"
