@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # The torchrun equivalent of launch/deepspeed_hostfile.sh: a DeepSpeed job started by torchrun
-# (one agent per node; no ssh needed).
-#
-# Reads the environment (defaults for one node in brackets):
-#   NNODES [1]  NODE_RANK [0]  NPROC_PER_NODE [2]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]
+# (one agent per node; no ssh needed). A thin layer over launch/torchrun.sh, which reads
+# NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT; this script adds
 #   CONFIG [configs/ds_zero2.json]  MODULE [microadam_dist.deepspeed_zero]
 #   DS_ACCELERATOR [cpu when no CUDA device is visible]
 # Extra arguments are passed to the module.
@@ -16,10 +14,5 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 if [ -z "${DS_ACCELERATOR:-}" ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   export DS_ACCELERATOR=cpu
 fi
-exec "$PY" -m torch.distributed.run \
-  --nnodes "${NNODES:-1}" \
-  --node-rank "${NODE_RANK:-0}" \
-  --nproc-per-node "${NPROC_PER_NODE:-2}" \
-  --master-addr "${MASTER_ADDR:-127.0.0.1}" \
-  --master-port "${MASTER_PORT:-29500}" \
-  -m "${MODULE:-microadam_dist.deepspeed_zero}" --deepspeed_config "${CONFIG:-configs/ds_zero2.json}" "$@"
+MODULE=${MODULE:-microadam_dist.deepspeed_zero} PYTHON=$PY \
+  exec launch/torchrun.sh --deepspeed_config "${CONFIG:-configs/ds_zero2.json}" "$@"

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,7 +23,6 @@ import torch
 
 from dist_utils import free_port, run_workers
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by the spawned workers
 
 import ds_workers as W  # noqa: E402
