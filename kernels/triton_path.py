@@ -14,8 +14,9 @@ rectangle of equal-length blocks), one program per block, two passes over memory
    applies ``p -= lr * c1 M / (sqrt(c2 S) + eps)`` once per distinct index. With weight decay it
    also scales the whole block, rounding each element once, as the reference does.
 
-Numerics for bitwise agreement with the reference where it matters: IEEE-rounded division and
-square root (``div_rn``, ``sqrt_rn``), bf16 produced by explicit round-to-nearest-even on the
+Numerics for bitwise agreement with the reference where it matters: no fused multiply-adds
+(``enable_fp_fusion=False``: ``lo + code * u`` is rounded twice, as in PyTorch's separate
+kernels), IEEE-rounded division and square root (``div_rn``, ``sqrt_rn``), bf16 produced by explicit round-to-nearest-even on the
 fp32 bits (the interpreter's casts truncate), bf16 loaded by bit shifts.
 """
 
@@ -30,6 +31,8 @@ from microadam_dist.geometry import Geometry
 
 UPDATE_TILE = 32  # window entries compared with all others at a time
 MAX_WINDOW_ENTRIES = 8192  # window_size * k per block the update kernel handles
+# no fused multiply-adds: the GPU compiler would otherwise round lo + code * u once, not twice
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -136,13 +139,14 @@ def _update(
         p_entries = tl.load(param_ptr + e0 + idx, mask=valid, other=0)
         if PARAM_BF16:
             p_entries = _bf16_bits_to_f32(p_entries)
+        tl.debug_barrier()  # every warp has read its entries before any warp writes the block
         offs = tl.arange(0, BLOCK)
         if PARAM_BF16:
-            p = _bf16_bits_to_f32(tl.load(param_ptr + e0 + offs, mask=offs < n, other=0))
-            tl.store(param_ptr + e0 + offs, _f32_to_bf16_bits(p * decay), mask=offs < n)
+            block = _bf16_bits_to_f32(tl.load(param_ptr + e0 + offs, mask=offs < n, other=0))
+            tl.store(param_ptr + e0 + offs, _f32_to_bf16_bits(block * decay), mask=offs < n)
         else:
-            p = tl.load(param_ptr + e0 + offs, mask=offs < n, other=0.0)
-            tl.store(param_ptr + e0 + offs, p * decay, mask=offs < n)
+            block = tl.load(param_ptr + e0 + offs, mask=offs < n, other=0.0)
+            tl.store(param_ptr + e0 + offs, block * decay, mask=offs < n)
         tl.debug_barrier()
     for t0 in range(0, ENTRIES, TILE):
         mine = t0 + tl.arange(0, TILE)
@@ -209,6 +213,7 @@ def microadam_blocks_triton_(
             piece.elem_offset, piece.elem_row_stride, piece.k_offset, piece.k_row_stride,
             piece.ef_offset, piece.ef_row_stride, piece.bucket_offset, piece.bucket_row_stride,
             BLOCK=block, HALF=block // 2, GRAD_BF16=grad.dtype == torch.bfloat16,
+            **LAUNCH_OPTIONS,
         )
         _update[grid](
             param_bits, win_idx, win_val.view(torch.int16), w1, w2,
@@ -216,5 +221,5 @@ def microadam_blocks_triton_(
             piece.elem_offset, piece.elem_row_stride, piece.k_offset, piece.k_row_stride,
             cfg.lr, c1, c2, cfg.eps, 1.0 - cfg.lr * cfg.weight_decay,
             ENTRIES=entries, TILE=UPDATE_TILE, PARAM_BF16=param.dtype == torch.bfloat16,
-            DECAY=cfg.weight_decay != 0.0, BLOCK=block,
+            DECAY=cfg.weight_decay != 0.0, BLOCK=block, **LAUNCH_OPTIONS,
         )

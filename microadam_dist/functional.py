@@ -56,6 +56,15 @@ def _pad_to_buckets(x: torch.Tensor, bucket: int) -> torch.Tensor:
     return torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
 
 
+def _level_step(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """u = (hi - lo) / 15, IEEE-rounded on every device.
+
+    Dividing a CUDA tensor by a Python number multiplies by its reciprocal instead (one ulp off
+    now and then), so the divisor is a tensor on the same device.
+    """
+    return (hi - lo).div_(torch.full((), QUANT_LEVELS, dtype=hi.dtype, device=hi.device))
+
+
 def quantize_4bit(x: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize rows of ``x`` (fp32, [N, n]) per bucket of ``bucket`` elements.
 
@@ -68,7 +77,7 @@ def quantize_4bit(x: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torch.Ten
     xb = _pad_to_buckets(x, bucket).view(rows, -1, bucket)
     lo = xb.amin(dim=-1, keepdim=True)
     hi = xb.amax(dim=-1, keepdim=True)
-    u = (hi - lo) / QUANT_LEVELS
+    u = _level_step(lo, hi)
     # where hi == lo every element equals lo, so (x - lo) / 1 = 0 gives code 0 with no 0 / 0
     q = (xb - lo).div_(torch.where(u > 0, u, 1.0)).add_(0.5).floor_().clamp_(0, QUANT_LEVELS)
     codes = q.view(rows, -1)[:, :n].to(torch.uint8)
@@ -84,7 +93,7 @@ def dequantize_4bit(packed: torch.Tensor, stats: torch.Tensor, n: int, bucket: i
     codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(rows, -1)[:, :n]
     codes = _pad_to_buckets(codes, bucket).view(rows, -1, bucket).float()
     lo, hi = stats[..., 0:1], stats[..., 1:2]
-    x = lo + codes * ((hi - lo) / QUANT_LEVELS)
+    x = lo + codes * _level_step(lo, hi)
     return x.view(rows, -1)[:, :n]
 
 
@@ -346,3 +355,29 @@ __all__ = [
     "to_row_form",
     "window_weights",
 ]
+
+
+def dense_moments(geometry: Geometry, state: dict[str, torch.Tensor], cfg: StepConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's moments rebuilt densely from a whole parameter's window (internal flat state).
+
+    Returns (M, S) as flat fp32 tensors of the parameter's size: M = sum_i b1^age_i v_i and
+    S = sum_i b2^age_i v_i^2 over the window entries, scattered to their elements (the sums a step
+    at ``cfg.step`` rebuilds, before its bias corrections c1 and c2).
+    """
+    _, filled, w1, w2 = window_weights(cfg, state["window_idx"].device)
+    w1, w2 = w1.view(-1, 1, 1), w2.view(-1, 1, 1)
+    M = torch.zeros(geometry.numel, dtype=torch.float32)
+    S = torch.zeros(geometry.numel, dtype=torch.float32)
+    for piece in geometry.pieces(0, geometry.num_blocks):
+        n, k = piece.block_len, piece.k
+        v = _ChunkViews(piece, 0, piece.num_rows, 0, piece.num_cols, M, S, state)
+        nb = v.num_blocks
+        idx = v.win_idx[:filled].reshape(filled, nb, k).long().permute(1, 0, 2).reshape(nb, filled * k)
+        val = v.win_val[:filled].reshape(filled, nb, k).float()
+        m_blocks = _flat_blocks(v.param, nb).clone().zero_()
+        s_blocks = m_blocks.clone()
+        m_blocks.scatter_add_(1, idx, (val * w1).permute(1, 0, 2).reshape(nb, filled * k))
+        s_blocks.scatter_add_(1, idx, (val * val * w2).permute(1, 0, 2).reshape(nb, filled * k))
+        v.param.copy_(m_blocks.view(piece.num_rows, piece.num_cols, n))
+        v.grad.copy_(s_blocks.view(piece.num_rows, piece.num_cols, n))
+    return M, S

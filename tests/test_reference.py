@@ -15,6 +15,7 @@ from microadam_dist.functional import (
     quantize_4bit,
     select_topk,
 )
+from microadam_dist.functional import _level_step
 from naive_microadam import NaiveMicroAdam
 
 SHAPES = [(33, 70), (5,), (), (3, 4, 50), (2, 300), (130,)]
@@ -193,3 +194,33 @@ def test_select_fast_path_equals_the_key_rule():
             a[1] = 0.0
             a[2, ::2] = -0.0
         assert torch.equal(select_topk(a, k), _select_by_key(a, k)), (n, k)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+def test_level_step_is_ieee_division(device):
+    # x * fp32(1/15), what CUDA computes for x / 15 (a Python number), is one ulp off for many x
+    x = torch.linspace(0.1, 100.0, 1000)
+    exact = torch.from_numpy((x.numpy().astype(np.float64) / 15).astype(np.float32))
+    assert not torch.equal(x * torch.tensor(1 / 15, dtype=torch.float32), exact)  # the test can tell
+    assert torch.equal(_level_step(torch.zeros_like(x).to(device), x.to(device)).cpu(), exact)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the reference on CUDA with CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_state_same_on_cuda_and_cpu(dtype):
+    """Property: the math does not depend on the device. State bitwise; parameters within fp32
+    summation order (CUDA's scatter_add adds a repeated index's window entries in any order)."""
+    geom = geometry_for((5, 3000), 1024, 256, 0.02)
+    gen = torch.Generator().manual_seed(3)
+    params = {d: torch.randn(geom.numel, generator=gen).to(dtype).to(d) for d in ("cpu", "cuda")}
+    params["cuda"].copy_(params["cpu"])
+    states = {d: init_state(geom, 4, 0, geom.num_blocks, d) for d in params}
+    for t in range(1, 11):
+        g = torch.randn(geom.numel, generator=gen).to(dtype)
+        cfg = StepConfig(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, window_size=4, step=t)
+        for d in params:
+            microadam_blocks_(geom, 0, geom.num_blocks, params[d], g.to(d), states[d], cfg)
+        for key, value in states["cpu"].items():
+            assert torch.equal(states["cuda"][key].cpu(), value), (key, t)
+        torch.testing.assert_close(params["cuda"].cpu(), params["cpu"], rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-6)

@@ -1,0 +1,54 @@
+"""Compile the Triton kernels ahead of time for NVIDIA GPUs (no GPU needed), as the tests' worker.
+
+Triton's interpreter runs the kernels on CPU but checks neither types nor layouts the way the
+GPU compiler does; this lowers every kernel variant the path launches to PTX and a cubin for
+sm_80 (A100) and sm_90 (H100/H200) with the bundled ptxas, and prints one JSON line per variant.
+Must run without TRITON_INTERPRET (the kernels are then real JITFunctions).
+"""
+
+import json
+import os
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+assert not os.environ.get("TRITON_INTERPRET"), "run without TRITON_INTERPRET"
+from microadam_dist.kernels import triton_path as tp  # noqa: E402
+
+
+def compile_variant(fn, arch, pointer_types, constexprs, scalar_types=None):
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = {**pointer_types, **(scalar_types or {})}.get(name, "i32")
+    consts = {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                            options=dict(tp.LAUNCH_OPTIONS))
+    ptx = kernel.asm["ptx"]
+    return {"kernel": fn.__name__, "arch": arch, **{k: v for k, v in constexprs.items() if k != "HALF"},
+            "cubin_bytes": len(kernel.asm["cubin"]), "fma": ptx.count("fma."), "div_rn": ptx.count("div.rn.f32")}
+
+
+def main():
+    floats = {"lr": "fp32", "c1": "fp32", "c2": "fp32", "eps": "fp32", "decay": "fp32"}
+    for arch, blocks in ((90, (64, 4096)), (80, (4096,))):
+        for bf16 in (False, True):
+            data = "*i16" if bf16 else "*fp32"  # bf16 tensors travel as int16 bits
+            for block in blocks:
+                print(json.dumps(compile_variant(
+                    tp._compress, arch,
+                    {"grad_ptr": data, "codes_ptr": "*u8", "stats_ptr": "*fp32", "idx_ptr": "*i16", "val_ptr": "*i16"},
+                    {"BLOCK": block, "HALF": block // 2, "GRAD_BF16": bf16})), flush=True)
+                for decay in (False, True):
+                    print(json.dumps(compile_variant(
+                        tp._update, arch,
+                        {"param_ptr": data, "idx_ptr": "*i16", "val_ptr": "*i16", "w1_ptr": "*fp32", "w2_ptr": "*fp32"},
+                        {"ENTRIES": 512, "TILE": tp.UPDATE_TILE, "PARAM_BF16": bf16, "DECAY": decay, "BLOCK": block},
+                        floats)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
