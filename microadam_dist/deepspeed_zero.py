@@ -24,8 +24,9 @@ MicroAdam steps the whole parameters, and its checkpoints are the canonical row 
 
 Checkpoints: ``engine.save_checkpoint`` / ``engine.load_checkpoint`` at the same world size resume
 bitwise (each rank saves its partition's state with a description of its layout, checked on
-load). At another data-parallel size, or through a universal checkpoint, the load stops with
-:class:`MicroAdamCheckpointError`, which names the conversion tool (``microadam-ckpt reshard``).
+load). At another data-parallel size, or through a universal checkpoint, ``engine.load_checkpoint``
+stops with :class:`MicroAdamCheckpointError`; :func:`load_checkpoint` loads any MicroAdam
+checkpoint (DeepSpeed at any size or stage, FSDP2 DCP, canonical) into any layout.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ class MicroAdamCheckpointError(RuntimeError):
 
 
 def _reshard_hint(what: str) -> str:
-    return (f"{what}. MicroAdam's ZeRO checkpoints hold each rank's partition of the optimizer state "
-            f"and load only at the data-parallel size and partitioning they were saved with; convert "
-            f"the checkpoint with `{CONVERSION_TOOL}` (it rebuilds the canonical, world-size-free "
-            "state and cuts it for the new layout)")
+    return (f"{what}. MicroAdam's ZeRO checkpoints hold each rank's partition of the optimizer state, "
+            "which engine.load_checkpoint restores only at the data-parallel size and partitioning they "
+            "were saved with; load it with microadam_dist.deepspeed_zero.load_checkpoint(engine, DIR), "
+            "which rebuilds the world-size-free state and cuts it for this run (any world size, any ZeRO "
+            f"stage), or convert it first with `{CONVERSION_TOOL}`")
 
 
 # ---- which DeepSpeed optimizer wraps ours ---------------------------------------------------------
@@ -620,6 +622,113 @@ def _groups_of(optimizer, adapter):
             yield group, [adapter.partitions[id(p)] for p in group["params"]]
 
 
+def skip_cpu_shm_build() -> None:
+    """On CPU, keep DeepSpeed from JIT-compiling its shared-memory all-reduce op (over a minute with a
+    C++ compiler, once per machine): only its inference path uses it; training goes through gloo."""
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+# ---- checkpoints at any world size ------------------------------------------------------------
+def load_checkpoint(engine, path, *, progress: bool = False):
+    """Resume ``engine`` from any MicroAdam checkpoint: DeepSpeed's own at any world size or stage,
+    a canonical directory (``microadam-ckpt convert``) or an FSDP2 DCP checkpoint.
+
+    A DeepSpeed checkpoint saved at this very layout goes through ``engine.load_checkpoint``
+    (bitwise, with the engine's own extras). Anything else is read parameter by parameter
+    (``checkpoint.open_checkpoint``) and cut for this run: the module's weights, DeepSpeed's fp32
+    master partitions and MicroAdam's state, then ``engine.global_steps`` from the checkpoint's
+    step. Returns the opened checkpoint (None for the native path).
+    """
+    from .checkpoint import DeepSpeedCheckpoint, open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    if isinstance(ckpt, DeepSpeedCheckpoint) and ckpt.world_size == dist.get_world_size() \
+            and _same_layout(engine, ckpt):
+        engine.load_checkpoint(str(path))
+        return None
+    load_canonical(engine, ckpt, progress=progress)
+    return ckpt
+
+
+def _same_layout(engine, ckpt) -> bool:
+    opt = engine.basic_optimizer
+    adapter = opt.engine_adapter if isinstance(opt, MicroAdam) else None
+    if not isinstance(adapter, ZeroAdapter) or adapter._resolve(opt) is None:
+        return False
+    mine = {i: [tuple(map(_tuple, d)) for d in part.describe()] for i, part, _ in adapter._indexed(opt) if part}
+    saved = ckpt._layouts[dist.get_rank()]
+    return mine == {int(i): [tuple(map(_tuple, d)) for d in info["pieces"]] for i, info in saved.items()}
+
+
+def load_canonical(engine, ckpt, *, progress: bool = False) -> None:
+    """Load an opened checkpoint (``checkpoint.Checkpoint``) into a ZeRO-1/2/3 engine at any world size.
+
+    Every rank reads the parameters its partitions hold (one at a time) and refuses another
+    model or MicroAdam geometry before changing anything.
+    """
+    from .checkpoint import CheckpointError, canonical_parameter, check_compatible
+    from .functional import from_row_form
+
+    opt = engine.basic_optimizer
+    if not isinstance(opt, MicroAdam):
+        raise TypeError(f"the engine's optimizer is {type(opt).__name__}, not MicroAdam")
+    adapter = opt.engine_adapter
+    if not isinstance(adapter, ZeroAdapter):
+        adapter = attach(engine)
+    if adapter._resolve(opt) is None:
+        raise CheckpointError("load_canonical needs a ZeRO-1/2/3 engine; with stage 0 use "
+                              "microadam_dist.checkpoint.load(engine.module, optimizer, path)")
+    module_params = dict(engine.module.named_parameters())
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in module_params.items() if p.requires_grad}
+    groups = {}
+    for group, parts in _groups_of(opt, adapter):
+        for part in parts:
+            for name in part.names:
+                if name is None:
+                    raise CheckpointError("parameter names are unknown: use attach(engine) or the JSON config path")
+                groups[name] = group
+    check_compatible(ckpt, shapes, {n: g for n, g in groups.items()})
+    # read and check everything this rank needs first, so a bad file changes nothing; keep only
+    # what the partitions hold (stage 1/2 module weights are read again below, one at a time)
+    values = {}
+    for name in shapes if adapter.kind != "zero3" else sorted(set(groups)):
+        weight, st = canonical_parameter(ckpt, name)
+        if name in groups:
+            values[name] = (weight, st)
+    zero = adapter.zero
+    with torch.no_grad():
+        for group, parts in _groups_of(opt, adapter):
+            for part in parts:
+                segs = adapter._segments(part, group)
+                fresh, any_state = {}, False
+                for seg, piece, name in zip(segs, part.pieces, part.names):
+                    weight, st = values[name]
+                    if weight is not None:
+                        flat_weight = weight.reshape(-1)[piece.start:piece.start + piece.numel]
+                        part.flat.data[piece.offset:piece.offset + piece.numel].copy_(flat_weight)
+                        if adapter.kind == "zero3":  # the module's bit16 partition of this parameter
+                            lp = zero.fp16_groups[piece.key[0]][piece.key[1]]
+                            lp.ds_tensor.data[:piece.numel].copy_(flat_weight.to(lp.ds_tensor.dtype))
+                    b0, b1 = seg.owned_blocks()
+                    fresh[seg.key] = {} if st is None else from_row_form(st, seg.geometry, group["window_size"], b0, b1)
+                    any_state |= st is not None
+                if any_state:
+                    adapter._pack(opt, part, segs, group, fresh)
+                else:
+                    opt.state.pop(part.flat, None)
+        if adapter.kind != "zero3":  # stage 1/2: every rank holds the whole module in bit16
+            for name in shapes:
+                weight = values[name][0] if name in values else ckpt.weight(name)
+                if weight is not None:
+                    module_params[name].data.copy_(weight.reshape(module_params[name].shape))
+    if ckpt.step is not None:
+        engine.global_steps = int(ckpt.step)
+    dist.barrier()
+
+
 # ---- a small DeepSpeed training job (what launch/*deepspeed*.sh run) -------------------------------
 def main(argv: list[str] | None = None) -> list[float]:
     """Train the small GPT on CPython's documentation with DeepSpeed and a MicroAdam JSON config.
@@ -656,6 +765,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     args = ap.parse_args(argv)
 
     register_with_torch_optim()
+    skip_cpu_shm_build()
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
     cfg = _load_config(args.config)
     if args.fp32:
