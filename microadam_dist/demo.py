@@ -1,13 +1,17 @@
 """The README's main job, end to end, on one machine with nothing downloaded.
 
 1. torchrun starts 2 processes that train a small GPT on CPython's bundled documentation with
-   FSDP2, once with MicroAdam and once with AdamW, and save a DCP checkpoint halfway;
+   FSDP2 (or DeepSpeed ZeRO with ``--engine deepspeed``), once with MicroAdam and once with AdamW,
+   and save a checkpoint halfway;
 2. torchrun starts 3 processes that resume both runs from that checkpoint (a different world
    size: the optimizer state is resharded on load) and finish them;
 3. the loss curves of both optimizers are plotted to ``<out>/loss_curve.png``.
 
     python -m microadam_dist.demo                  # about two minutes on 2 CPU cores
     python -m microadam_dist.demo --steps 40       # a quick look
+    python -m microadam_dist.demo --engine deepspeed  # the same with DeepSpeed ZeRO-2
+
+Options it does not know go to ``microadam_dist.train`` (``--engine``, ``--deepspeed-config``, ...).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ def torchrun(nproc: int, train_args: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
+ENGINES = {"fsdp": "FSDP2", "deepspeed": "DeepSpeed ZeRO"}
+
+
 def plot(out: Path, resume_step: int) -> Path:
     import matplotlib
 
@@ -53,7 +60,7 @@ def plot(out: Path, resume_step: int) -> Path:
     ax.axvline(resume_step, color="gray", linestyle="--", linewidth=1)
     ax.text(resume_step, ax.get_ylim()[1], f"  resumed (world size {worlds})", va="top", color="gray")
     ax.set(xlabel="step", ylabel="training loss (nats / byte)",
-           title="GPT on CPython's documentation, FSDP2: MicroAdam vs AdamW")
+           title=f"GPT on CPython's documentation, {ENGINES[run.get('engine', 'fsdp')]}: MicroAdam vs AdamW")
     ax.legend()
     fig.tight_layout()
     path = out / "loss_curve.png"

@@ -2,6 +2,7 @@
 
     python -m microadam_dist.train                     # one process, both optimizers
     torchrun --nproc-per-node 2 -m microadam_dist.train # FSDP2 (fully_shard) on 2 ranks
+    torchrun --nproc-per-node 2 -m microadam_dist.train --engine deepspeed   # DeepSpeed ZeRO-2
 
 Every run sees the same global batches whatever the world size (each rank takes its slice), so
 runs at different world sizes are comparable step by step. The job prints the loss curves, the
@@ -100,6 +101,40 @@ def evaluate(model: GPT, data: torch.Tensor, args, device, batches: int = 8) -> 
     return sum(losses) / len(losses)
 
 
+def deepspeed_engine(name: str, model: GPT, args):
+    """The model and optimizer under DeepSpeed, from --deepspeed-config with the job's settings:
+    the global batch split over the ranks, no accumulation, no clipping or scheduler (the job sets
+    the learning rate itself, as for FSDP2), fp32 unless on a GPU. AdamW runs with DeepSpeed's
+    elastic checkpoints (so it too resumes at another world size); MicroAdam loads at any size
+    through deepspeed_zero.load_checkpoint."""
+    import deepspeed
+
+    from . import deepspeed_zero
+
+    cfg = json.loads(Path(args.deepspeed_config).read_text())
+    for key in ("scheduler", "train_batch_size"):
+        cfg.pop(key, None)
+    cfg.update(train_micro_batch_size_per_gpu=args.batch_size // world()[1], gradient_accumulation_steps=1,
+               gradient_clipping=0.0, steps_per_print=10**9)
+    if not torch.cuda.is_available():
+        cfg["bf16"] = {"enabled": False}
+    zero = cfg.setdefault("zero_optimization", {"stage": 2})
+    if name == "microadam":
+        params = {**cfg.get("optimizer", {}).get("params", {}), "lr": args.lr_microadam,
+                  "weight_decay": args.weight_decay}
+        cfg["optimizer"] = {"type": "MicroAdam", "params": params}
+        zero.pop("elastic_checkpoint", None)
+    else:
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": args.lr_adamw, "weight_decay": args.weight_decay,
+                                                       "torch_adam": True}}
+        if zero.get("stage", 0) in (1, 2):
+            zero["elastic_checkpoint"] = True
+    deepspeed_zero.register_with_torch_optim()
+    deepspeed_zero.skip_cpu_shm_build()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    return engine
+
+
 def make_optimizer(name: str, model, args):
     if name == "microadam":
         return MicroAdam(model.parameters(), lr=args.lr_microadam, weight_decay=args.weight_decay)
@@ -107,15 +142,21 @@ def make_optimizer(name: str, model, args):
 
 
 def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
-    """DCP checkpoint, written beside ``path`` and renamed into place once complete."""
+    """DCP checkpoint (a DeepSpeed one when ``model`` is an engine), written beside ``path`` and
+    renamed into place once complete."""
     rank = world()[0]
     partial = path.with_name(path.name + ".partial")
     if rank == 0 and partial.exists():
         shutil.rmtree(partial)
     if dist.is_initialized():
         dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+    if opt is None:  # a DeepSpeed engine saves itself
+        model.save_checkpoint(str(partial), tag="ckpt")
+        if not isinstance(model.basic_optimizer, MicroAdam):
+            _save_adamw_full_state(model, partial)
+    else:
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -130,9 +171,57 @@ def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
         dist.barrier()
 
 
+def _save_adamw_full_state(engine, directory: Path) -> None:
+    """The AdamW baseline under DeepSpeed: full fp32 weights and moments gathered through DeepSpeed's
+    own API, so the baseline too can resume at another world size (DeepSpeed refuses, and its
+    universal-checkpoint converter needs Megatron's client state)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    full = {}
+    for name, p in engine.module.named_parameters():
+        full[name] = {"fp32": safe_get_full_fp32_param(p).cpu(),
+                      **{k: safe_get_full_optimizer_state(p, k).cpu() for k in ("exp_avg", "exp_avg_sq")}}
+    if world()[0] == 0:
+        torch.save(full, directory / "adamw_full_state.pt")
+
+
+def _load_adamw_full_state(engine, directory: Path, step: int) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    full = torch.load(directory / "adamw_full_state.pt", weights_only=True)
+    zero = engine.optimizer
+    if not hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        raise SystemExit("resuming the AdamW baseline at another world size needs ZeRO-1 or 2")
+    base = engine.basic_optimizer
+    for flat in zero.single_partition_of_fp32_groups:  # torch's AdamW creates its state lazily
+        base.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
+                            "exp_avg_sq": torch.zeros_like(flat)}
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()  # DeepSpeed's fragment views onto the new state
+    for name, p in engine.module.named_parameters():
+        safe_set_full_fp32_param(p, full[name]["fp32"])
+        with torch.no_grad():  # ZeRO-1/2: the module holds every weight (what the next forward uses)
+            p.copy_(full[name]["fp32"].to(p.dtype))
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(p, full[name][key], key)
+    engine.global_steps = step
+
+
 def load_checkpoint(path: Path, model, opt) -> dict:
     if not (path / "train_meta.json").exists():
         raise SystemExit(f"{path} is not a complete checkpoint of this job (no train_meta.json)")
+    if opt is None:  # a DeepSpeed engine, at any world size
+        from .deepspeed_zero import load_checkpoint as load_deepspeed
+        from .optimizer import MicroAdam as _MicroAdam
+
+        meta = json.loads((path / "train_meta.json").read_text())
+        if isinstance(model.basic_optimizer, _MicroAdam):
+            load_deepspeed(model, path)  # any world size
+        elif meta["history"][-1]["world_size"] == world()[1]:
+            model.load_checkpoint(str(path))
+        else:  # DeepSpeed cannot move AdamW's ZeRO state to another world size by itself
+            _load_adamw_full_state(model, path, meta["step"])
+        return meta
     model_sd, optim_sd = get_state_dict(model, opt)  # templates at this world size
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
@@ -140,8 +229,14 @@ def load_checkpoint(path: Path, model, opt) -> dict:
 
 
 def train_one(name: str, args, device) -> RunResult:
-    model = build_model(args, device)
-    opt = make_optimizer(name, model, args)
+    if args.engine == "deepspeed":
+        torch.manual_seed(args.seed)
+        model = deepspeed_engine(name, GPT(GPTConfig(n_layer=args.layers, n_embd=args.width, n_head=args.heads,
+                                                     block_size=args.context)), args)
+        opt, step_opt = None, model.optimizer  # the engine steps; the lr is set on its param groups
+    else:
+        model = build_model(args, device)
+        opt = step_opt = make_optimizer(name, model, args)
     base_lr = args.lr_microadam if name == "microadam" else args.lr_adamw
     start_step, losses, history = 0, [], []
     if args.resume:
@@ -155,14 +250,18 @@ def train_one(name: str, args, device) -> RunResult:
     for step in bar:
         # the same schedule for both: linear warm-up, then cosine decay to 0 at --steps
         frac = min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for g in opt.param_groups:
+        for g in step_opt.param_groups:
             g["lr"] = base_lr * frac
         # the batch depends only on the step: resumable, and the same at any world size
         x, y = get_batch(train, args.batch_size, args.context, torch.Generator().manual_seed(args.seed * 100003 + step))
         loss = model(local_slice(x).to(device), local_slice(y).to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if opt is None:
+            model.backward(loss)
+            model.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         losses.append(mean_across_ranks(loss.item()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     seconds = time.perf_counter() - start
@@ -171,14 +270,14 @@ def train_one(name: str, args, device) -> RunResult:
                         {"step": stop, "losses": losses, "history": history, "args": vars(args)})
     n = sum(p.numel() for p in model.parameters())
     tokens = max(1, stop - start_step) * args.batch_size * args.context
-    local_bytes = optimizer_state_bytes(opt)
+    local_bytes = optimizer_state_bytes(opt if opt is not None else model.basic_optimizer)
     total_bytes = round(mean_across_ranks(local_bytes) * world()[1])
     result = RunResult(name, losses, evaluate(model, val, args, device), local_bytes, total_bytes, n, seconds,
                        tokens / max(seconds, 1e-9))
     if args.out and world()[0] == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"losses_{name}.json").write_text(json.dumps(
-            {**asdict(result), "history": history, "steps": args.steps}))
+            {**asdict(result), "history": history, "steps": args.steps, "engine": args.engine}))
     return result
 
 
@@ -192,6 +291,10 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--engine", choices=["fsdp", "deepspeed"], default="fsdp",
+                    help="FSDP2 fully_shard (default) or DeepSpeed ZeRO (--deepspeed-config)")
+    ap.add_argument("--deepspeed-config", default="configs/ds_zero2.json",
+                    help="DeepSpeed JSON for --engine deepspeed; batch, lr, clipping and scheduler come from this job")
     ap.add_argument("--optimizers", nargs="+", default=["microadam", "adamw"], choices=["microadam", "adamw"])
     ap.add_argument("--lr-microadam", type=float, default=5e-3)
     ap.add_argument("--lr-adamw", type=float, default=3e-3)
@@ -216,8 +319,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[RunResult]:
     args = parse_args(argv)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.engine == "deepspeed"
+    if args.engine == "deepspeed" and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if distributed and not dist.is_initialized():
+        if args.engine == "deepspeed" and "RANK" not in os.environ:  # one process without a launcher
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
