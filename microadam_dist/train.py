@@ -161,7 +161,11 @@ def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
         dist.barrier()
     if rank == 0:
         (partial / "train_meta.json").write_text(json.dumps(meta))
+        # swap in: there is always one complete checkpoint, at path or (for an instant) at path.old,
+        # where complete_checkpoint() finds it after a crash
         old = path.with_name(path.name + ".old")
+        if old.exists() and path.exists():
+            shutil.rmtree(old)
         if path.exists():
             path.rename(old)
         partial.rename(path)
@@ -207,7 +211,17 @@ def _load_adamw_full_state(engine, directory: Path, step: int) -> None:
     engine.global_steps = step
 
 
+def complete_checkpoint(path: Path) -> Path | None:
+    """The last complete checkpoint at ``path``: ``path`` itself, or the previous one kept as
+    ``path.old`` when a save was interrupted while swapping it in; None if there is none."""
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if (candidate / "train_meta.json").exists():
+            return candidate
+    return None
+
+
 def load_checkpoint(path: Path, model, opt) -> dict:
+    path = complete_checkpoint(path) or path
     if not (path / "train_meta.json").exists():
         raise SystemExit(f"{path} is not a complete checkpoint of this job (no train_meta.json)")
     if opt is None:  # a DeepSpeed engine, at any world size
@@ -239,8 +253,11 @@ def train_one(name: str, args, device) -> RunResult:
         opt = step_opt = make_optimizer(name, model, args)
     base_lr = args.lr_microadam if name == "microadam" else args.lr_adamw
     start_step, losses, history = 0, [], []
-    if args.resume:
-        meta = load_checkpoint(Path(args.resume) / name, model, opt)
+    resume = Path(args.resume) / name if args.resume else None
+    if resume is None and args.auto_resume and args.save:
+        resume = complete_checkpoint(Path(args.save) / name)  # None on a first start
+    if resume is not None:
+        meta = load_checkpoint(resume, model, opt)
         start_step, losses, history = meta["step"], meta["losses"], meta["history"]
     history = history + [{"start": start_step, "world_size": world()[1]}]
     train, val = split_corpus()
@@ -264,6 +281,9 @@ def train_one(name: str, args, device) -> RunResult:
             opt.step()
         losses.append(mean_across_ranks(loss.item()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if args.save and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < stop:
+            save_checkpoint(Path(args.save) / name, model, opt,
+                            {"step": step + 1, "losses": losses, "history": history, "args": vars(args)})
     seconds = time.perf_counter() - start
     if args.save:
         save_checkpoint(Path(args.save) / name, model, opt,
@@ -304,6 +324,9 @@ def parse_args(argv=None):
     ap.add_argument("--stop-at", type=int, default=None, help="stop (and --save) before this step")
     ap.add_argument("--save", default=None, help="directory for DCP checkpoints (one per optimizer)")
     ap.add_argument("--resume", default=None, help="checkpoint directory written by --save")
+    ap.add_argument("--save-every", type=int, default=0, help="also save every N steps (to --save)")
+    ap.add_argument("--auto-resume", action="store_true",
+                    help="resume from --save when it holds a complete checkpoint (for restarted jobs)")
     ap.add_argument("--out", default=None, help="directory for the loss histories (JSON)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
