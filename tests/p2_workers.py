@@ -130,3 +130,47 @@ def fsdp_target(rank, world, src, out):
     _fsdp_train(model, opt, mesh, SAVE_AT, TOTAL)
     save_checkpoint(Path(out), model, opt, {"step": TOTAL, "losses": [], "history": []})
     dist.barrier()
+
+
+# ---- non-finite gradients under DeepSpeed ----------------------------------------------------------------
+NAN_STEP, NAN_PARAM = 2, 0
+
+
+def grads_with_nan(t: int) -> list[torch.Tensor]:
+    grads = W.p1_grads(t)
+    if t == NAN_STEP:
+        grads[NAN_PARAM][3, 7] = float("nan")  # reaches every rank's copy after the reduction
+    return grads
+
+
+def ds_nonfinite(rank, world, stage, out):
+    import warnings
+
+    engine = _ds_engine(stage)
+    for t in range(SAVE_AT):
+        loss = engine([g.clone() for g in grads_with_nan(t)])
+        engine.backward(loss)
+        with warnings.catch_warnings(record=True):
+            engine.step()
+    result = _ds_result(engine)
+    result["skips"] = engine.basic_optimizer.nonfinite_skips
+    result["deepspeed_skipped_steps"] = engine.skipped_steps
+    if rank == 0:
+        torch.save(result, out)
+
+
+def reference_without_the_nan_step():
+    """One process, MicroAdam over every gradient but the NaN step's (what DeepSpeed's own overflow
+    check leaves: it drops the whole step before the optimizer sees it)."""
+    from microadam_dist import MicroAdam
+    from microadam_dist.checkpoint import _LiveCheckpoint
+
+    model = W.Injected()
+    opt = MicroAdam(model.parameters(), **W.P1_HYPER)
+    for t in range(SAVE_AT):
+        if t == NAN_STEP:
+            continue
+        for p, g in zip(model.parameters(), grads_with_nan(t)):
+            p.grad = g.clone()
+        opt.step()
+    return _LiveCheckpoint(model, opt)

@@ -204,3 +204,19 @@ def test_deepspeed_launcher_with_hostfile():
                          env=env, capture_output=True, text=True, timeout=220)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "done: 2 steps, world size 2, ZeRO stage 3" in out.stdout, out.stdout[-3000:]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stage, world", [(2, 2), (3, 3)])
+def test_nonfinite_gradient_never_reaches_the_state(tmp_path, stage, world):
+    """A NaN in one parameter's gradient under ZeRO: DeepSpeed's own overflow check (fp32 too)
+    drops the whole step on every rank before MicroAdam sees it, so the run equals one process
+    that never took that step, bitwise, and MicroAdam's own skip policy is not needed."""
+    import p2_workers as P
+    from test_resharding import assert_equal_to
+
+    run_workers(P.ds_nonfinite, world, stage, str(tmp_path / "result.pt"))
+    got = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert got["deepspeed_skipped_steps"] == 1 and got["skips"] == 0
+    assert all(bool(torch.isfinite(w).all()) for w in got["params"].values())
+    assert_equal_to(got, P.reference_without_the_nan_step(), f"ZeRO-{stage} at {world} with a NaN gradient")
