@@ -9,10 +9,11 @@ rectangle of equal-length blocks), one program per block, two passes over memory
    ``a = g + dequant(e)`` in fp32; selects the top-k with the reference's unique key (so the
    same indices, in the same order); writes the ring slot (int16 indices, bf16 values); quantizes
    the residual; writes codes and statistics.
-2. ``_update``: reads the window's ``min(t, m) * k`` entries of the block, sums duplicates by
-   comparing entries with each other (no dense M, S or U anywhere, not even per block), and
-   applies ``p -= lr * c1 M / (sqrt(c2 S) + eps)`` once per distinct index. With weight decay it
-   also scales the whole block, rounding each element once, as the reference does.
+2. ``_update``: reads the window's ``min(t, m) * k`` entries of the block, sorts them by index
+   (``tl.sort`` of ``index * ENTRIES + entry``), sums each index's entries with a segmented
+   suffix scan (no dense M, S or U anywhere, not even per block), and applies
+   ``p -= lr * c1 M / (sqrt(c2 S) + eps)`` once per distinct index (at its first entry). With
+   weight decay it also scales the whole block, rounding each element once, as the reference does.
 
 Numerics for bitwise agreement with the reference where it matters: no fused multiply-adds
 (``enable_fp_fusion=False``: ``lo + code * u`` is rounded twice, as in PyTorch's separate
@@ -29,7 +30,6 @@ import triton.language as tl
 from microadam_dist.functional import StepConfig, bias_corrections, window_weights
 from microadam_dist.geometry import Geometry
 
-UPDATE_TILE = 32  # window entries compared with all others at a time
 MAX_WINDOW_ENTRIES = 8192  # window_size * k per block the update kernel handles
 # no fused multiply-adds: the GPU compiler would otherwise round lo + code * u once, not twice
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
@@ -108,13 +108,28 @@ def _compress(
 
 
 @triton.jit
+def _min_key_sum(k1, m1, s1, k2, m2, s2):
+    """(smallest key, sums of m and s over the entries holding it): associative and commutative,
+    so a scan gives the same result whichever way it pairs operands."""
+    k = tl.minimum(k1, k2)
+    return k, tl.where(k1 == k, m1, 0.0) + tl.where(k2 == k, m2, 0.0), \
+        tl.where(k1 == k, s1, 0.0) + tl.where(k2 == k, s2, 0.0)
+
+
+@triton.jit
+def _max_key_count(k1, c1, k2, c2):
+    """(largest key, how many entries hold it): associative and commutative."""
+    k = tl.maximum(k1, k2)
+    return k, tl.where(k1 == k, c1, 0) + tl.where(k2 == k, c2, 0)
+
+
+@triton.jit
 def _update(
     param_ptr, idx_ptr, val_ptr, w1_ptr, w2_ptr,
     n, k, num_cols, filled, slot_stride,
     elem_off, elem_row, k_off, k_row,
     lr, c1, c2, eps, decay,
-    ENTRIES: tl.constexpr, TILE: tl.constexpr, PARAM_BF16: tl.constexpr,
-    DECAY: tl.constexpr, BLOCK: tl.constexpr,
+    ENTRIES: tl.constexpr, PARAM_BF16: tl.constexpr, DECAY: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // num_cols
@@ -124,21 +139,29 @@ def _update(
     total = filled * k
     ent = tl.arange(0, ENTRIES)
     valid = ent < total
-    slot = ent // k
-    where = slot * slot_stride + k0 + ent % k
-    idx = tl.load(idx_ptr + where, mask=valid, other=0).to(tl.int32)
-    idx = tl.where(valid, idx, -1 - ent)  # padding never matches a real index or another pad
-    v = _bf16_bits_to_f32(tl.load(val_ptr + where, mask=valid, other=0))
-    w1 = tl.load(w1_ptr + slot, mask=valid, other=0.0)
-    w2 = tl.load(w2_ptr + slot, mask=valid, other=0.0)
-    cm = v * w1
-    cs = v * v * w2
+    idx = tl.load(idx_ptr + (ent // k) * slot_stride + k0 + ent % k, mask=valid, other=0).to(tl.int32)
+    # sort the entries by (index, entry); padding sorts last (indices are < 32768)
+    key = tl.sort(tl.where(valid, idx * ENTRIES + ent, 32768 * ENTRIES + ent))
+    e = key % ENTRIES
+    sidx = key // ENTRIES
+    ok = sidx < 32768
+    where = (e // k) * slot_stride + k0 + e % k
+    v = _bf16_bits_to_f32(tl.load(val_ptr + where, mask=ok, other=0))
+    w1 = tl.load(w1_ptr + e // k, mask=ok, other=0.0)
+    w2 = tl.load(w2_ptr + e // k, mask=ok, other=0.0)
+    # M and S of each index, complete at the first of its entries (a suffix scan within equal keys)
+    _, m_sum, s_sum = tl.associative_scan((sidx, v * w1, v * v * w2), 0, _min_key_sum, reverse=True)
+    _, seen = tl.associative_scan((sidx, tl.full([ENTRIES], 1, tl.int32)), 0, _max_key_count)
+    write = ok & (seen == 1)  # one write per distinct index
+    upd = tl.div_rn(m_sum * c1, tl.sqrt_rn(s_sum * c2) + eps)
+    if PARAM_BF16:
+        p = _bf16_bits_to_f32(tl.load(param_ptr + e0 + sidx, mask=write, other=0))
+    else:
+        p = tl.load(param_ptr + e0 + sidx, mask=write, other=0.0)
     if DECAY:
-        # dense decay, rounded once together with the update: keep the window entries' old
-        # values, write every element decayed, then overwrite the entries (after a barrier)
-        p_entries = tl.load(param_ptr + e0 + idx, mask=valid, other=0)
-        if PARAM_BF16:
-            p_entries = _bf16_bits_to_f32(p_entries)
+        # dense decay, rounded once together with the update: the entries' old values are read
+        # above; every element is written decayed, then (after a barrier) the entries
+        p = p * decay
         tl.debug_barrier()  # every warp has read its entries before any warp writes the block
         offs = tl.arange(0, BLOCK)
         if PARAM_BF16:
@@ -148,26 +171,10 @@ def _update(
             block = tl.load(param_ptr + e0 + offs, mask=offs < n, other=0.0)
             tl.store(param_ptr + e0 + offs, block * decay, mask=offs < n)
         tl.debug_barrier()
-    for t0 in range(0, ENTRIES, TILE):
-        mine = t0 + tl.arange(0, TILE)
-        my_idx = tl.load(idx_ptr + (mine // k) * slot_stride + k0 + mine % k, mask=mine < total, other=0)
-        my_idx = tl.where(mine < total, my_idx.to(tl.int32), -1 - mine)
-        same = my_idx[:, None] == idx[None, :]
-        m_sum = tl.sum(tl.where(same, cm[None, :], 0.0), axis=1)
-        s_sum = tl.sum(tl.where(same, cs[None, :], 0.0), axis=1)
-        first = tl.min(tl.where(same, ent[None, :], ENTRIES), axis=1) == mine  # one write per index
-        upd = tl.div_rn(m_sum * c1, tl.sqrt_rn(s_sum * c2) + eps)
-        write = (mine < total) & first
-        if DECAY:
-            p = tl.sum(tl.where(ent[None, :] == mine[:, None], p_entries[None, :], 0.0), axis=1) * decay
-        elif PARAM_BF16:
-            p = _bf16_bits_to_f32(tl.load(param_ptr + e0 + my_idx, mask=write, other=0))
-        else:
-            p = tl.load(param_ptr + e0 + my_idx, mask=write, other=0.0)
-        if PARAM_BF16:
-            tl.store(param_ptr + e0 + my_idx, _f32_to_bf16_bits(p - lr * upd), mask=write)
-        else:
-            tl.store(param_ptr + e0 + my_idx, p - lr * upd, mask=write)
+    if PARAM_BF16:
+        tl.store(param_ptr + e0 + sidx, _f32_to_bf16_bits(p - lr * upd), mask=write)
+    else:
+        tl.store(param_ptr + e0 + sidx, p - lr * upd, mask=write)
 
 
 def _as_bits(t: torch.Tensor) -> torch.Tensor:
@@ -202,7 +209,7 @@ def microadam_blocks_triton_(
     for piece in geometry.pieces(b0, b1):
         n, k = piece.block_len, piece.k
         block = triton.next_power_of_2(max(n, 2))
-        entries = triton.next_power_of_2(max(filled * k, UPDATE_TILE))
+        entries = triton.next_power_of_2(max(filled * k, 2))
         if entries > MAX_WINDOW_ENTRIES:
             raise ValueError(f"the Triton path handles window_size * k <= {MAX_WINDOW_ENTRIES} entries per "
                              f"block, got {m} * {k}; use backend='torch' or a smaller density/block_size")
@@ -220,6 +227,6 @@ def microadam_blocks_triton_(
             n, k, piece.num_cols, filled, win_idx.stride(0),
             piece.elem_offset, piece.elem_row_stride, piece.k_offset, piece.k_row_stride,
             cfg.lr, c1, c2, cfg.eps, 1.0 - cfg.lr * cfg.weight_decay,
-            ENTRIES=entries, TILE=UPDATE_TILE, PARAM_BF16=param.dtype == torch.bfloat16,
+            ENTRIES=entries, PARAM_BF16=param.dtype == torch.bfloat16,
             DECAY=cfg.weight_decay != 0.0, BLOCK=block, **LAUNCH_OPTIONS,
         )

@@ -254,7 +254,14 @@ def any_nonzero(t: torch.Tensor, chunk_elements: int) -> bool:
 
 
 def all_finite(t: torch.Tensor, chunk_elements: int) -> bool:
-    """No NaN or infinity in t, checked chunk by chunk (no temporary the size of t)."""
+    """No NaN or infinity in t, with no temporary the size of t.
+
+    One reduction decides the usual case (a NaN or an infinity makes the sum non-finite, and a
+    finite sum proves there is none; one host sync on a GPU); only a non-finite sum, which a huge
+    but finite gradient can also give, is checked chunk by chunk.
+    """
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
     return all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(chunk_elements))
 
 

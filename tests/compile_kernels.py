@@ -46,7 +46,7 @@ def main():
                     print(json.dumps(compile_variant(
                         tp._update, arch,
                         {"param_ptr": data, "idx_ptr": "*i16", "val_ptr": "*i16", "w1_ptr": "*fp32", "w2_ptr": "*fp32"},
-                        {"ENTRIES": 512, "TILE": tp.UPDATE_TILE, "PARAM_BF16": bf16, "DECAY": decay, "BLOCK": block},
+                        {"ENTRIES": 512, "PARAM_BF16": bf16, "DECAY": decay, "BLOCK": block},
                         floats)), flush=True)
 
 

@@ -99,3 +99,15 @@ def _fsdp_worker(rank, world, out_dir):
 
 def test_nonfinite_on_one_rank_is_skipped_by_all_ranks(tmp_path):
     run_workers(_fsdp_worker, 3, str(tmp_path))
+
+
+def test_huge_finite_gradient_is_not_mistaken_for_an_overflow():
+    """The finiteness check sums the gradient first; a sum that overflows although every value is
+    finite must not skip the step."""
+    from microadam_dist.functional import all_finite
+
+    g = torch.full((1000,), 3e38)
+    assert not bool(torch.isfinite(g.sum()))  # the fast path's sum overflows ...
+    assert all_finite(g, 64)  # ... and the exact check sees only finite values
+    g[500] = float("nan")
+    assert not all_finite(g, 64) and not all_finite(torch.tensor([1.0, float("-inf")]), 64)
