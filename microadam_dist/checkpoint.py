@@ -416,7 +416,14 @@ class DeepSpeedCheckpoint(Checkpoint):
         return base, layout, flats
 
     def _segments(self, rank: int, index: int):
-        """Every parameter piece of one partition as sharded.Segment objects, and their state views."""
+        """Every parameter piece of one partition as sharded.Segment objects, and their state views
+        (views into the memory-mapped file, built once per partition)."""
+        cache = self.__dict__.setdefault("_segment_cache", {})
+        if (rank, index) not in cache:
+            cache[(rank, index)] = self._build_segments(rank, index)
+        return cache[(rank, index)]
+
+    def _build_segments(self, rank: int, index: int):
         from .deepspeed_zero import ZeroAdapter
         from .sharded import Segment
 
