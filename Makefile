@@ -14,7 +14,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/step_memory.py
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/run_all.py
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

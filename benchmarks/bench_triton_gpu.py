@@ -62,7 +62,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_triton_gpu.py needs a CUDA device (none found); the CPU numbers come "
-                         "from bench_cpu_step.py")
+                         "from bench_baselines.py")
     rows = [f"# MicroAdam step on {torch.cuda.get_device_name()} vs torch AdamW", "",
             f"torch {torch.__version__}; one parameter of each size, fixed gradient, default MicroAdam "
             f"hyperparameters (window 10, density 1%, blocks 4096, buckets 2048); median of {args.repeats} "

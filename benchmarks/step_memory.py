@@ -39,6 +39,7 @@ print(peak - base, dt, opt.state_bytes(), MicroAdam.chunk_elements)
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8])
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     rows = []
     for n in map(int, args.sizes):
@@ -50,7 +51,7 @@ def main():
         print(f"numel {n:>12,}  transient {r['transient_bytes'] / 2**20:8.1f} MiB "
               f"({r['transient_bytes'] / r['chunk_elements']:.1f} B per chunk element)  "
               f"state {r['state_bytes'] / n:.4f} B/param  step {r['step_seconds']:.3f} s")
-    out = Path(__file__).parent / "results" / "step_memory.md"
+    out = args.out / "step_memory.md"
     lines = ["# Transient memory of one MicroAdam step (reference path, CPU)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
              f"one run per size; chunk of {rows[0]['chunk_elements']:,} elements.", "",
