@@ -36,47 +36,13 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from optimizers import BASELINES, make, state_bytes  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
-OPTIMIZERS = ["microadam", "adamw_fused", "adamw_foreach", "bnb_adamw8bit", "torchao_adamw8bit", "torchao_adamw4bit"]
+OPTIMIZERS = ["microadam", *BASELINES]
 MICROADAM_VARIANTS = {"microadam": {}, "microadam m20": {"window_size": 20}, "microadam d0.5%": {"density": 0.005},
                       "microadam m20 d0.5%": {"window_size": 20, "density": 0.005}}
-
-
-def make(name: str, params, lr: float = 1e-4, **extra):
-    """The optimizer called ``name``; raises ImportError/RuntimeError if it cannot run here."""
-    params = list(params)
-    if name.startswith("microadam"):
-        from microadam_dist import MicroAdam
-
-        return MicroAdam(params, lr=lr, **extra)
-    if name == "adamw_fused":
-        return torch.optim.AdamW(params, lr=lr, fused=True)
-    if name == "adamw_foreach":
-        return torch.optim.AdamW(params, lr=lr, foreach=True)
-    if name == "bnb_adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=lr)
-    if name in ("torchao_adamw8bit", "torchao_adamw4bit"):
-        from torchao.optim import AdamW4bit, AdamW8bit
-
-        return (AdamW8bit if name.endswith("8bit") else AdamW4bit)(params, lr=lr)
-    raise ValueError(name)
-
-
-def tensor_bytes(t) -> int:
-    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and not hasattr(t, "to_local"):
-        names, _ = t.__tensor_flatten__()  # torchao's quantized states: codes, scales, ...
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    if hasattr(t, "to_local"):
-        t = t.to_local()
-    return t.numel() * t.element_size()
-
-
-def state_bytes(opt) -> int:
-    if hasattr(opt, "state_bytes"):
-        return opt.state_bytes()
-    return sum(tensor_bytes(v) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
 
 
 # ---- workers run in fresh processes (python bench_baselines.py --worker KIND JSON) ----------------

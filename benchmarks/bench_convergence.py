@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,11 +36,10 @@ from pathlib import Path
 
 import torch
 
-from microadam_dist import MicroAdam
 from microadam_dist.data import get_batch, split_corpus
 from microadam_dist.models import GPT, GPTConfig
+from optimizers import make, state_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 OPTIMIZERS = ["microadam", "adamw", "bnb_adamw8bit", "torchao_adamw8bit", "torchao_adamw4bit"]
 # learning-rate grids, tuned on the first seed; "adam" is every Adam-family baseline
@@ -50,37 +48,7 @@ GRIDS = {"gpt": {"microadam": [2e-3, 5e-3, 1e-2], "adam": [1e-3, 3e-3, 6e-3]},
 MIN_GRID_STEPS = 60
 
 
-# ---- optimizers --------------------------------------------------------------------------------
-def _bitsandbytes():
-    # the repo's top-level kernels/ folder must not shadow the PyPI package `kernels` that
-    # bitsandbytes probes for (it would only warn, but keep the import clean)
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
-    try:
-        import bitsandbytes
-    finally:
-        sys.path[:] = saved
-    return bitsandbytes
-
-
-def make(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """The optimizers compared; weight decay 0 everywhere (torch's and the 8-bit ones default to 0.01).
-    ``adamw`` is the foreach AdamW: fused AdamW is the same algorithm, so it is not run twice."""
-    params = list(params)
-    if name == "microadam":
-        return MicroAdam(params, lr=lr)  # window 10, density 0.01, block 4096, buckets 2048
-    if name in ("adamw", "adamw_foreach"):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
-    if name == "adamw_fused":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
-    if name == "bnb_adamw8bit":
-        return _bitsandbytes().optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
-    if name in ("torchao_adamw8bit", "torchao_adamw4bit"):
-        from torchao.optim import AdamW4bit, AdamW8bit
-
-        cls = AdamW8bit if name == "torchao_adamw8bit" else AdamW4bit
-        return cls(params, lr=lr, weight_decay=0.0)
-    raise ValueError(f"unknown optimizer {name!r}")
+# ---- optimizers: benchmarks/optimizers.py ----------------------------------------------------------
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -94,28 +62,6 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 def lr_factor(step: int, steps: int, warmup: int) -> float:
     # train.py's schedule: linear warm-up, then cosine decay to 0 at the last step
     return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-
-
-def tensor_bytes(t, seen: set) -> int:
-    """Bytes of a state tensor; subclass tensors (torchao's OptimState8bit/4bit) by their inner
-    tensors; a storage shared between parameters (a quantization map) counted once."""
-    if not isinstance(t, torch.Tensor):
-        return 0
-    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n), seen) for n in names)
-    key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-    if t.numel() and key in seen:
-        return 0
-    seen.add(key)
-    return t.numel() * t.element_size()
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    if isinstance(opt, MicroAdam):
-        return opt.state_bytes()
-    seen: set = set()
-    return sum(tensor_bytes(v, seen) for st in opt.state.values() for v in st.values())
 
 
 @dataclass

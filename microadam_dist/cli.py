@@ -16,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from .checkpoint import (DEFAULT_SHARD_BYTES, Checkpoint, CheckpointError, export_adam, open_checkpoint,
+from .checkpoint import (Checkpoint, CheckpointError, export_adam, open_checkpoint,
                          write_canonical, write_dcp)
 
 EXAMPLES = """
