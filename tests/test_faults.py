@@ -58,10 +58,12 @@ def test_killed_rank_restarts_from_the_last_checkpoint_and_at_fewer_ranks(tmp_pa
     straight = torchrun(2, [*TINY, *steps, "--out", str(tmp_path / "straight")])
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
-    # 1. torchrun restarts the workers; they resume from the last checkpoint at the same size
+    # 1. torchrun restarts the workers; they resume from the last checkpoint at the same size. More
+    #    than one restart allowed, as a real job would: on a loaded machine a restarted gloo group
+    #    can fail to connect once (seen in CI: "Connection refused" in the first restart)
     ckpt = tmp_path / "ckpt"
     job = torchrun(2, [*TINY, *steps, "--save", str(ckpt), "--auto-resume", "--out", str(tmp_path / "restarted")],
-                   restarts=1)
+                   restarts=3)
     kill_one_worker_after_first_checkpoint(job, ckpt / "microadam")
     out, _ = job.communicate(timeout=300)
     assert job.returncode == 0, out
