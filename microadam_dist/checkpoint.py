@@ -21,6 +21,7 @@ directory beside the target and renames it into place only when complete.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import json
@@ -36,7 +37,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .functional import STATE_DTYPES, StepConfig, canonical_shapes, dense_moments, from_row_form, to_row_form
+from .functional import (STATE_DTYPES, StepConfig, canonical_shapes, dense_moments, from_row_form,
+                         join_owned_blocks, to_row_form)
 from .geometry import Geometry, geometry_for
 
 FORMAT = "microadam-canonical"
@@ -59,7 +61,7 @@ class ParamEntry:
     group: int  # index into Checkpoint.groups
 
 
-class Checkpoint:
+class Checkpoint(abc.ABC):
     """One parameter at a time view of a checkpoint (subclasses read each source)."""
 
     kind = "?"
@@ -71,13 +73,13 @@ class Checkpoint:
         self.groups: list[dict[str, Any]] = []  # hyperparameters (HYPER_KEYS) per parameter group
         self.params: dict[str, ParamEntry] = {}
 
+    @abc.abstractmethod
     def weight(self, name: str) -> torch.Tensor | None:
         """The fp32 weight of ``name`` in its shape, or None when the source holds none."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def state(self, name: str) -> dict[str, torch.Tensor] | None:
         """The optimizer state of ``name`` in row form, or None before its first step."""
-        raise NotImplementedError
 
     def verify(self) -> list[str]:
         """Deep integrity check (hashes, where the format has them); the problems found."""
@@ -467,22 +469,11 @@ class DeepSpeedCheckpoint(Checkpoint):
                     b0, b1 = seg.owned_blocks()
                     if b1 > b0:
                         blocks.append((b0, b1, views[name]))
-        blocks.sort(key=lambda item: item[0])
-        pos = 0
-        for b0, b1, _ in blocks:
-            if b0 != pos:
-                raise CheckpointError(f"{self.tag_dir}: parameter {name!r}: blocks from {pos} are held by no rank")
-            pos = b1
-        if pos != geom.num_blocks:
-            raise CheckpointError(f"{self.tag_dir}: parameter {name!r}: blocks from {pos} are held by no rank")
-        flat = {
-            "step": blocks[0][2]["step"].clone(),
-            "window_idx": torch.cat([b[2]["window_idx"] for b in blocks], dim=1),
-            "window_val": torch.cat([b[2]["window_val"] for b in blocks], dim=1),
-            "ef_codes": torch.cat([b[2]["ef_codes"] for b in blocks]),
-            "ef_stats": torch.cat([b[2]["ef_stats"] for b in blocks]),
-        }
-        return {k: v.clone() for k, v in to_row_form(flat, geom, window, rows=geom.rows).items()}
+        try:
+            joined = join_owned_blocks(blocks, geom, window)
+        except ValueError as e:
+            raise CheckpointError(f"{self.tag_dir}: parameter {name!r}: {e}") from e
+        return {k: v.clone() for k, v in joined.items()}
 
 
 def open_checkpoint(path) -> Checkpoint:

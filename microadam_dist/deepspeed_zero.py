@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .functional import STATE_DTYPES, to_row_form
+from .functional import STATE_DTYPES, join_owned_blocks
 from .geometry import geometry_for
 from .optimizer import GEOMETRY_KEYS, MicroAdam
 from .sharded import Segment, ShardedStepper
@@ -585,25 +585,12 @@ def gather_canonical_state(optimizer, by_name: bool = False) -> dict[Any, dict[s
     for key, items in sorted(pieces.items()):
         shape, group = meta[key]
         geom = geometry_for(shape, group["block_size"], group["quant_bucket_size"], float(group["density"]))
-        items = sorted((it for it in items if it[1] > it[0]), key=lambda it: it[0])
-        pos = 0
-        for b0, b1, _ in items:
-            if b0 != pos:
-                raise RuntimeError(f"parameter {key}: blocks from {pos} are held by no rank")
-            pos = b1
-        if pos != geom.num_blocks:
-            raise RuntimeError(f"parameter {key}: blocks from {pos} are held by no rank")
-        m = group["window_size"]
-        flat = {
-            "step": items[0][2]["step"].clone() if items else torch.zeros((), dtype=torch.int64),
-            "window_idx": torch.cat([it[2]["window_idx"] for it in items], dim=1) if items else None,
-            "window_val": torch.cat([it[2]["window_val"] for it in items], dim=1) if items else None,
-            "ef_codes": torch.cat([it[2]["ef_codes"] for it in items]) if items else None,
-            "ef_stats": torch.cat([it[2]["ef_stats"] for it in items]) if items else None,
-        }
         if by_name and names[key] is None:
             raise ValueError("parameter names are unknown: use attach(engine) or the JSON config path")
-        out[names[key] if by_name else key] = to_row_form(flat, geom, m, rows=geom.rows) if items else flat
+        try:
+            out[names[key] if by_name else key] = join_owned_blocks(items, geom, group["window_size"])
+        except ValueError as e:
+            raise RuntimeError(f"parameter {key}: {e}") from e
     return out
 
 

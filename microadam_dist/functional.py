@@ -329,6 +329,25 @@ def from_row_form(values: dict, geometry: Geometry, window_size: int, b0: int = 
     return out
 
 
+def join_owned_blocks(pieces: list[tuple[int, int, dict]], geometry: Geometry, window_size: int) -> dict[str, torch.Tensor]:
+    """A whole parameter's state in row form from the (b0, b1, flat state of blocks [b0, b1))
+    pieces its ranks own, in any order; ValueError if some block is held by no piece."""
+    pieces = sorted((p for p in pieces if p[1] > p[0]), key=lambda p: p[0])
+    pos = 0
+    for b0, b1, _ in pieces:
+        if b0 != pos:
+            break
+        pos = b1
+    if pos != geometry.num_blocks or not pieces:
+        raise ValueError(f"blocks from {pos} are held by no rank")
+    flat = {"step": pieces[0][2]["step"].clone(),
+            "window_idx": torch.cat([p[2]["window_idx"] for p in pieces], dim=1),
+            "window_val": torch.cat([p[2]["window_val"] for p in pieces], dim=1),
+            "ef_codes": torch.cat([p[2]["ef_codes"] for p in pieces]),
+            "ef_stats": torch.cat([p[2]["ef_stats"] for p in pieces])}
+    return to_row_form(flat, geometry, window_size, rows=geometry.rows)
+
+
 def window_weights(cfg: StepConfig, device) -> tuple[int, int, torch.Tensor, torch.Tensor]:
     """(slot written this step, filled slots, b1^q and b2^q per filled slot as fp32).
 
