@@ -6,9 +6,10 @@ shard, a ZeRO partition's piece), and that range's state. One launch per ``Geome
 rectangle of equal-length blocks), one program per block, two passes over memory:
 
 1. ``_compress``: reads the gradient, the 4-bit codes and the bucket statistics; accumulates
-   ``a = g + dequant(e)`` in fp32; selects the top-k with the reference's unique key (so the
-   same indices, in the same order); writes the ring slot (int16 indices, bf16 values); quantizes
-   the residual; writes codes and statistics.
+   ``a = g + dequant(e)`` in fp32; finds the k-th largest ``|a|`` by a radix search over its
+   bits and takes the entries above it plus the first ties (the reference's rule, so the same
+   indices, in the same increasing order); writes the ring slot (int16 indices, bf16 values);
+   quantizes the residual; writes codes and statistics.
 2. ``_update``: reads the window's ``min(t, m) * k`` entries of the block, sorts them by index
    (``tl.sort`` of ``index * ENTRIES + entry``), sums each index's entries with a segmented
    suffix scan (no dense M, S or U anywhere, not even per block), and applies
@@ -77,17 +78,34 @@ def _compress(
     a = g + (lo + code.to(tl.float32) * tl.div_rn(hi - lo, 15.0))
     a = tl.where(inside, a, 0.0)
 
-    # 2. top-k by the unique key (|a| bits above the reversed index), largest first
-    key = (tl.abs(a).to(tl.int32, bitcast=True).to(tl.int64) << 15) | (n - 1 - offs).to(tl.int64)
-    key = tl.where(inside, key, -1)
-    for j in range(0, k):
-        best = tl.max(key, axis=0)
-        chosen = key == best
-        value = tl.sum(tl.where(chosen, a, 0.0), axis=0)
-        tl.store(idx_ptr + k0 + j, ((n - 1) - (best & 0x7FFF)).to(tl.int16))
-        tl.store(val_ptr + k0 + j, _f32_to_bf16_bits(value))
-        a = tl.where(chosen, 0.0, a)
-        key = tl.where(chosen, -1, key)
+    # 2. top-k: the k-th largest |a| (as int32 bits, monotonic for |a| >= 0) by a radix search,
+    #    2 bits per round with the three candidate counts packed in one int64 sum; then every
+    #    entry above it and the first ties (smaller indices win) are compacted in index order
+    mag = tl.where(inside, tl.abs(a).to(tl.int32, bitcast=True), -1)
+    thr = 0
+    for shift in tl.static_range(29, 0, -2):  # bits 30..1; bit 31 of |a| is 0
+        c1 = thr | (1 << shift)
+        c2 = thr | (2 << shift)
+        c3 = thr | (3 << shift)
+        packed = ((mag >= c1).to(tl.int64) | ((mag >= c2).to(tl.int64) << 16)
+                  | ((mag >= c3).to(tl.int64) << 32))
+        counts = tl.sum(packed, axis=0)  # each count <= BLOCK <= 32768 fits its 16 bits
+        thr = tl.where((counts >> 32) >= k, c3,
+                       tl.where(((counts >> 16) & 0xFFFF) >= k, c2,
+                                tl.where((counts & 0xFFFF) >= k, c1, thr)))
+    c1 = thr | 1
+    thr = tl.where(tl.sum((mag >= c1).to(tl.int32), axis=0) >= k, c1, thr)
+    above = mag > thr
+    ties = mag == thr
+    need = k - tl.sum(above.to(tl.int32), axis=0)  # 1 <= need <= number of ties
+    # one scan counts both: entries above (< k <= 32768, 15 bits) and ties (<= 32768) before each
+    ranks = tl.cumsum(above.to(tl.int32) | (ties.to(tl.int32) << 15), axis=0)
+    tie_rank = ranks >> 15
+    chosen = above | (ties & (tie_rank <= need))
+    pos = (ranks & 0x7FFF) + tl.minimum(tie_rank, need) - 1
+    tl.store(idx_ptr + k0 + pos, offs.to(tl.int16), mask=chosen)
+    tl.store(val_ptr + k0 + pos, _f32_to_bf16_bits(a), mask=chosen)
+    a = tl.where(chosen, 0.0, a)
 
     # 3. quantize the residual per bucket
     codes = tl.zeros([BLOCK], dtype=tl.int32)

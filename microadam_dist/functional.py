@@ -102,31 +102,27 @@ def _select_by_key(a: torch.Tensor, k: int) -> torch.Tensor:
     n = a.shape[1]
     key = a.abs().view(torch.int32).to(torch.int64) << INDEX_BITS
     key |= torch.arange(n - 1, -1, -1, device=a.device, dtype=torch.int64)
-    top = key.topk(k, dim=1, sorted=True).values
-    return (n - 1) - (top & ((1 << INDEX_BITS) - 1))
+    top = key.topk(k, dim=1, sorted=False).values
+    return ((n - 1) - (top & ((1 << INDEX_BITS) - 1))).sort(dim=1).values
 
 
 def select_topk(a: torch.Tensor, k: int) -> torch.Tensor:
     """Block-local indices of the k entries of largest |a| in each row of ``a`` ([N, n] fp32).
 
-    The rule: ties go to the smaller index, and the result is ordered by decreasing |a| (then
-    increasing index), so every correct implementation picks the same entries in the same order.
-    It is the top-k of the key ``(bits(|a|) << 15) | (n - 1 - i)`` (the bits of a non-negative
-    float are monotonic), which is unique per entry. Fast path: a float top-k of k + 1 values
-    settles every row whose k-th and (k+1)-th magnitudes differ; only the order among the chosen
-    k is then fixed with the key. Rows with a tie (or a NaN) at the boundary take the key path.
+    The rule: ties go to the smaller index, and each row's k indices are returned in increasing
+    order, so every correct implementation writes the same bytes (a GPU kernel that finds a
+    threshold and compacts the entries above it produces that order for free). It is the top-k of
+    the key ``(bits(|a|) << 15) | (n - 1 - i)`` (the bits of a non-negative float are monotonic),
+    which is unique per entry. Fast path: a float top-k of k + 1 values settles every row whose
+    k-th and (k+1)-th magnitudes differ; rows with a tie (or a NaN) there take the key path.
     """
     n = a.shape[1]
     if k == n:
         return _select_by_key(a, k)
-    mag = a.abs()
-    vals, idx = mag.topk(k + 1, dim=1, sorted=True)
+    vals, idx = a.abs().topk(k + 1, dim=1, sorted=True)
     kth, nxt = vals[:, k - 1], vals[:, k]
     exact_rows = ((kth == nxt) | kth.isnan() | nxt.isnan()).nonzero().squeeze(1)
-    vals, idx = vals[:, :k], idx[:, :k]
-    key = (vals.view(torch.int32).to(torch.int64) << INDEX_BITS) | ((n - 1) - idx)
-    order = key.argsort(dim=1, descending=True)
-    out = idx.gather(1, order)
+    out = idx[:, :k].sort(dim=1).values
     if exact_rows.numel():
         out[exact_rows] = _select_by_key(a[exact_rows], k)
     return out

@@ -56,7 +56,7 @@ class NaiveMicroAdam:
         for bi, (start, n, k) in enumerate(self.blocks):
             a = [f32(f32(grad[start + i]) + self._dequant(bi, i)) for i in range(n)]
             order = sorted(range(n), key=lambda i: (-abs(float(a[i])), i))
-            chosen = order[:k]
+            chosen = sorted(order[:k])  # stored in increasing index order
             self.window[bi][slot] = [(i, bf16(a[i])) for i in chosen]
             for i in chosen:
                 a[i] = f32(0)

@@ -135,8 +135,9 @@ def test_select_topk_ties_and_order():
     a = torch.tensor([[0.0, 2.0, -2.0, 1.0, 2.0, 0.0]])
     assert select_topk(a, 3).tolist() == [[1, 2, 4]]  # |a| = 2 three times: smaller index first
     assert select_topk(torch.zeros(1, 6), 2).tolist() == [[0, 1]]
-    b = torch.tensor([[0.5, -3.0, 1.0, 2.0]])
-    assert select_topk(b, 4).tolist() == [[1, 3, 2, 0]]  # decreasing |a|
+    b = torch.tensor([[0.5, -3.0, 1.0, 2.0, -0.1]])
+    assert select_topk(b, 3).tolist() == [[1, 2, 3]]  # the 3 largest |a|, in increasing index order
+    assert select_topk(b, 5).tolist() == [[0, 1, 2, 3, 4]]
 
 
 # ---- the core runs on any block range (a shard) and in any chunking -----------------------------

@@ -94,3 +94,19 @@ def test_optimizer_backends_agree():
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
         for key in ("window_idx", "ef_codes"):
             assert torch.equal(opt_t.state[p][key], opt_r.state[q][key])
+
+
+def test_largest_block():
+    """Block 32768 (int16 indices' limit): the top-k search packs counts of up to 32768 in 16-bit
+    fields and the compaction scan counts up to 32768 ties; all-zero and ternary gradients make
+    every count reach its bound."""
+    def grads(t, n):
+        gen = torch.Generator().manual_seed(t)
+        if t == 1:
+            return torch.zeros(n)
+        if t == 2:
+            return torch.randint(-1, 2, (n,), generator=gen).float()
+        return torch.randn(n, generator=gen)
+
+    run_both((2, 32768), torch.bfloat16, 0.0, steps=3, density=0.01, block=32768, bucket=2048, window=3,
+             grads=grads)
