@@ -35,6 +35,7 @@ import copy
 import json
 import math
 import sys
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -732,6 +733,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     import deepspeed
 
     from .data import get_batch, split_corpus
+    from .distributed import init_process_group
     from .models import GPT, GPTConfig
 
     ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
@@ -753,6 +755,8 @@ def main(argv: list[str] | None = None) -> list[float]:
 
     register_with_torch_optim()
     skip_cpu_shm_build()
+    if "RANK" in os.environ and not dist.is_initialized():
+        init_process_group()  # a torchrun-restarted worker needs its own store namespace
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
     cfg = _load_config(args.config)
     if args.fp32:

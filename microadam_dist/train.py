@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from tqdm import tqdm
 
 from .data import get_batch, split_corpus
+from .distributed import init_process_group
 from .models import GPT, GPTConfig
 from .optimizer import MicroAdam
 
@@ -349,7 +350,7 @@ def main(argv=None) -> list[RunResult]:
         if args.engine == "deepspeed" and "RANK" not in os.environ:  # one process without a launcher
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        init_process_group()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -58,17 +58,17 @@ def test_killed_rank_restarts_from_the_last_checkpoint_and_at_fewer_ranks(tmp_pa
     straight = torchrun(2, [*TINY, *steps, "--out", str(tmp_path / "straight")])
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
-    # 1. torchrun restarts the workers; they resume from the last checkpoint at the same size. More
-    #    than one restart allowed, as a real job would: on a loaded machine a restarted gloo group
-    #    can fail to connect once (seen in CI: "Connection refused" in the first restart)
+    # 1. torchrun restarts the workers once; they resume from the last checkpoint at the same size
+    #    (the restarted group starts in a store namespace of its own: microadam_dist.distributed;
+    #    without it, about one restart in four hung in init_process_group)
     ckpt = tmp_path / "ckpt"
     job = torchrun(2, [*TINY, *steps, "--save", str(ckpt), "--auto-resume", "--out", str(tmp_path / "restarted")],
-                   restarts=3)
+                   restarts=1)
     kill_one_worker_after_first_checkpoint(job, ckpt / "microadam")
     out, _ = job.communicate(timeout=300)
     assert job.returncode == 0, out
     meta = json.loads((ckpt / "microadam" / "train_meta.json").read_text())
-    assert len(meta["history"]) >= 2 and meta["history"][1]["start"] > 0, meta["history"]  # really resumed
+    assert len(meta["history"]) == 2 and meta["history"][1]["start"] > 0, meta["history"]  # really resumed
     got, want = losses(tmp_path / "restarted"), losses(tmp_path / "straight")
     assert len(got) == 60 and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(got, want))
 

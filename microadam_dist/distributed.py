@@ -1,0 +1,37 @@
+"""Starting the default process group, safely also in workers that torchrun restarted.
+
+torchrun's default (static) rendezvous keeps one TCP store for the whole job and hands it to
+every generation of workers, and ``init_process_group`` keys its address exchange by the same
+names each time. A worker group restarted after a failure (``--max-restarts``) can then read the
+addresses of the dead workers: its peers connect to closed ports ("Connection refused") or hang
+in ``init_process_group`` (seen here in about one restart in four, torch 2.13, gloo; upstream:
+pytorch/pytorch#135712). Each generation therefore gets its own key prefix, from
+``TORCHELASTIC_RESTART_COUNT``, which every agent increments when it restarts its workers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_process_group(backend: str | None = None) -> None:
+    """``dist.init_process_group`` from the launcher's environment (torchrun, the deepspeed
+    launcher, ``microadam_dist.mpi``), with a per-restart store namespace under torchrun."""
+    backend = backend or default_backend()
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend)
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                is_master=False, timeout=default_pg_timeout)
+    store = dist.PrefixStore(f"microadam_dist/restart_{attempt}", agent_store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
