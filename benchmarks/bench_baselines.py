@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from optimizers import BASELINES, make, state_bytes  # noqa: E402
+
+from microadam_dist.distributed import free_port  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 OPTIMIZERS = ["microadam", *BASELINES]
@@ -94,12 +95,6 @@ def worker_peak_memory(name: str) -> dict:
     return {"peak_rss": peak_kb * 1024,
             "params": sum(p.numel() for p in model.parameters()),
             "state_bytes": state_bytes(opt) if opt is not None else 0, "step_seconds": statistics.median(times[1:])}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_entry(rank, world, port, engine, out):
@@ -166,7 +161,7 @@ def worker_per_rank(engine: str, world: int) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
-        mp.start_processes(_rank_entry, args=(world, _free_port(), engine, str(out)), nprocs=world, join=True,
+        mp.start_processes(_rank_entry, args=(world, free_port(), engine, str(out)), nprocs=world, join=True,
                            start_method="spawn")
         return json.loads(out.read_text())
 

@@ -386,7 +386,7 @@ def write(out: Path, args, gpt: list[dict], digits: list[dict], failed: dict, in
              "model's parameter count. Parameters under 4096 elements keep 32-bit state in bitsandbytes and "
              "torchao, which is why their figures exceed 2 (8-bit) and 1 (4-bit).", ""]
     a = args
-    lines += [f"## A. Small GPT on the CPython documentation corpus", "",
+    lines += ["## A. Small GPT on the CPython documentation corpus", "",
               f"GPT(n_layer={a.layers}, n_embd={a.width}, n_head={a.heads}, block_size={a.context}), "
               f"{gpt[0]['runs'][-1].num_params if gpt else '?':,} parameters; batch {a.batch_size}, {a.steps} steps, "
               f"linear warm-up {a.warmup} steps then cosine decay to 0; validation loss = mean over 8 fixed batches "
@@ -399,7 +399,7 @@ def write(out: Path, args, gpt: list[dict], digits: list[dict], failed: dict, in
                   f"(schedule compressed to that length); the runs at the chosen rate have the full {a.steps} steps.",
                   ""]
     lines += table(GPTTask, gpt) + [""]
-    lines += [f"## B. MLP on scikit-learn's digits", "",
+    lines += ["## B. MLP on scikit-learn's digits", "",
               f"64-256-256-10 MLP with GELU, {digits[0]['runs'][-1].num_params if digits else '?':,} parameters; "
               f"1400 train / 397 test images (fixed permutation, standardized with the training statistics), "
               f"cross-entropy, mini-batches of {DigitsTask.batch_size}, {a.epochs} epochs, warm-up one epoch then "

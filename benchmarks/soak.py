@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,21 +28,14 @@ from pathlib import Path
 import torch
 
 from microadam_dist import checkpoint
+from microadam_dist.distributed import torchrun_command
 
 MODEL = ["--width", "64", "--context", "32", "--layers", "2", "--heads", "2", "--batch-size", "12",
          "--optimizers", "microadam", "--quiet"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(nproc: int, args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), "-m", "microadam_dist.train", *args]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(torchrun_command(nproc, args), check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def verify(path: Path, step: int) -> int:

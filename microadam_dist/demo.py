@@ -18,22 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .distributed import torchrun_command
 
 
 def torchrun(nproc: int, train_args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "microadam_dist.train", *train_args]
+    cmd = torchrun_command(nproc, train_args)
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
 

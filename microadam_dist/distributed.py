@@ -12,6 +12,8 @@ pytorch/pytorch#135712). Each generation therefore gets its own key prefix, from
 from __future__ import annotations
 
 import os
+import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -35,3 +37,19 @@ def init_process_group(backend: str | None = None) -> None:
                                 is_master=False, timeout=default_pg_timeout)
     store = dist.PrefixStore(f"microadam_dist/restart_{attempt}", agent_store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for a rendezvous started right after)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(nproc: int, args: list[str], *, module: str = "microadam_dist.train",
+                     restarts: int = 0, host: str = "127.0.0.1") -> list[str]:
+    """The command that runs ``python -m module *args`` on ``nproc`` local processes under
+    torchrun, with its rendezvous on a free port of ``host``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--max-restarts", str(restarts), "--master-addr", host, "--master-port", str(free_port(host)),
+            "-m", module, *args]

@@ -1,16 +1,11 @@
 """Run a function on N real processes joined by a gloo process group on 127.0.0.1."""
 
 import os
-import socket
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from microadam_dist.distributed import free_port
 
 
 def _entry(rank, world_size, port, fn, args):

@@ -18,17 +18,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dist_utils import free_port
+from microadam_dist.distributed import torchrun_command
 
 TINY = ["--width", "48", "--context", "32", "--layers", "2", "--heads", "2", "--quiet", "--optimizers", "microadam",
         "--batch-size", "12"]
 
 
 def torchrun(nproc: int, args: list[str], restarts: int = 0) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--max-restarts",
-           str(restarts), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "microadam_dist.train", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(torchrun_command(nproc, args, restarts=restarts), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
