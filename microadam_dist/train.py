@@ -317,8 +317,9 @@ def parse_args(argv=None):
     ap.add_argument("--deepspeed-config", default="configs/ds_zero2.json",
                     help="DeepSpeed JSON for --engine deepspeed; batch, lr, clipping and scheduler come from this job")
     ap.add_argument("--optimizers", nargs="+", default=["microadam", "adamw"], choices=["microadam", "adamw"])
-    ap.add_argument("--lr-microadam", type=float, default=5e-3)
-    ap.add_argument("--lr-adamw", type=float, default=3e-3)
+    ap.add_argument("--lr-microadam", type=float, default=2e-3,
+                    help="tuned on a 3-point grid for this model: benchmarks/results/convergence.md")
+    ap.add_argument("--lr-adamw", type=float, default=1e-3, help="tuned likewise")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
