@@ -209,7 +209,7 @@ def run_task(task, names: list[str], seeds: list[int], full: int, grid_len: dict
              failed: dict) -> list[dict]:
     out = []
     for name in names:
-        grid = GRIDS[task.key]["microadam" if name == "microadam" else "adam"]
+        grid = GRIDS[task.key]["microadam" if name.startswith("microadam") else "adam"]
         if quick:
             grid = [grid[len(grid) // 2]]  # CI-sized: the middle rate only
         try:
@@ -225,7 +225,7 @@ def plan_grid_steps(task: GPTTask, names: list[str], seeds: list[int], steps: in
     """GPT grid-search length that keeps the whole run near the budget; seconds per step measured."""
     per_step = {}
     for name in names:
-        lr = GRIDS["gpt"]["microadam" if name == "microadam" else "adam"][1]
+        lr = GRIDS["gpt"]["microadam" if name.startswith("microadam") else "adam"][1]
         try:
             per_step[name] = task.seconds_per_step(name, lr)
             print(f"  probe {name:>18}: {per_step[name]:.3f} s per GPT step", flush=True)
@@ -428,7 +428,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="GPT steps (default 300, --quick 40)")
     ap.add_argument("--epochs", type=int, default=None, help="digits epochs (default 40, --quick 5)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
-    ap.add_argument("--optimizers", nargs="+", default=OPTIMIZERS)
+    ap.add_argument("--optimizers", nargs="+", default=OPTIMIZERS,
+                    help="names from benchmarks/optimizers.py; microadam:density=0.02,window_size=5 for a variant")
+    ap.add_argument("--gpt-microadam-lrs", type=float, nargs="+", default=None,
+                    help=f"the GPT grid for MicroAdam (default {GRIDS['gpt']['microadam']})")
     ap.add_argument("--budget-minutes", type=float, default=25.0,
                     help="aim for the whole run; only the GPT grid-search runs are shortened (0: no limit)")
     ap.add_argument("--grid-steps", type=int, default=None, help="GPT tuning-run length (skips the estimate)")
@@ -440,6 +443,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=20)
     args = ap.parse_args(argv)
+    if args.gpt_microadam_lrs:
+        GRIDS["gpt"]["microadam"] = args.gpt_microadam_lrs
     args.steps = args.steps or (40 if args.quick else 300)
     args.epochs = args.epochs or (5 if args.quick else 40)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])

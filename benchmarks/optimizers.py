@@ -29,8 +29,11 @@ def _bitsandbytes():
 def make(name: str, params, lr: float = 1e-4, **microadam_kwargs) -> torch.optim.Optimizer:
     """The optimizer called ``name``, weight decay 0 everywhere (torch's AdamW and the 8-bit ones
     default to 0.01); raises ImportError/RuntimeError if it cannot run here. ``adamw`` is the
-    foreach AdamW."""
+    foreach AdamW; ``microadam:key=value,...`` is MicroAdam with those settings."""
     params = list(params)
+    if name.startswith("microadam:"):  # a variant, e.g. "microadam:density=0.02,window_size=5"
+        settings = dict(item.split("=") for item in name.split(":", 1)[1].split(","))
+        return MicroAdam(params, lr=lr, **{k: (int(v) if k == "window_size" else float(v)) for k, v in settings.items()})
     if name == "microadam":
         return MicroAdam(params, lr=lr, **microadam_kwargs)  # defaults: window 10, density 0.01
     if name in ("adamw", "adamw_foreach"):

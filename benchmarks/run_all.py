@@ -1,10 +1,11 @@
 """Every benchmark, one after the other, each in its own process; results in benchmarks/results/.
 
-    python benchmarks/run_all.py            # the full set, ~1 hour on 2 cores (make bench)
+    python benchmarks/run_all.py            # the full set, ~70 minutes on 2 cores (make bench)
     python benchmarks/run_all.py --quick    # CI-sized versions, results to a temporary folder
 
 Full: memory, speed and per-rank scaling against the baselines (bench_baselines.py), convergence
-on two tasks with tuned learning rates and 3 seeds (bench_convergence.py), the transient memory
+on two tasks with tuned learning rates and 3 seeds (bench_convergence.py) and MicroAdam's window /
+density variants on the same tasks (one seed, results/microadam_variants/), the transient memory
 of a step (step_memory.py), the Triton path's memory traffic model (traffic_model.py), checkpoint
 conversion of a 1e9-element checkpoint (bench_checkpoint.py) and the save/reshard/resume soak
 (soak.py). The GPU benchmark (bench_triton_gpu.py, gpu_check.sh) needs a CUDA machine and is not
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+VARIANTS = ["microadam", "microadam:density=0.02", "microadam:density=0.05", "microadam:window_size=20",
+            "microadam:density=0.02,window_size=5"]
 
 
 def main(argv=None):
@@ -31,6 +34,10 @@ def main(argv=None):
     runs = [
         ["bench_baselines.py", "--out", str(out)] + (["--quick", "--repeats", "2"] if args.quick else []),
         ["bench_convergence.py", "--out", str(out)] + (["--quick"] if args.quick else []),
+        # MicroAdam's window and density against AdamW on the same tasks (one seed)
+        ["bench_convergence.py", "--out", str(out / "microadam_variants"), "--seeds", "0", "--threads", "1",
+         "--budget-minutes", "0", "--gpt-microadam-lrs", "1e-3", "2e-3", "5e-3", "--optimizers", "adamw", *VARIANTS]
+        + (["--quick"] if args.quick else []),
         ["step_memory.py", "--out", str(out)] + (["--sizes", "1e6"] if args.quick else []),
         ["traffic_model.py"],  # a model, no measurement: the same numbers every time
         ["bench_checkpoint.py"] + (["--params", "2e7", "--quick"] if args.quick else ["--params", "1e9"]),
