@@ -34,8 +34,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 import os
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any

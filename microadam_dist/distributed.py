@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,19 +25,20 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_process_group(backend: str | None = None) -> None:
+def init_process_group(backend: str | None = None, timeout: timedelta | None = None) -> None:
     """``dist.init_process_group`` from the launcher's environment (torchrun, the deepspeed
-    launcher, ``microadam_dist.mpi``), with a per-restart store namespace under torchrun."""
+    launcher, ``microadam_dist.mpi``), with a per-restart store namespace under torchrun.
+    ``timeout``: the group's (and the store's) timeout, torch's default when None."""
     backend = backend or default_backend()
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
         return
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                                is_master=False, timeout=default_pg_timeout)
+                                is_master=False, timeout=timeout or default_pg_timeout)
     store = dist.PrefixStore(f"microadam_dist/restart_{attempt}", agent_store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
