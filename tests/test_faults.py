@@ -7,6 +7,7 @@ workers after a rank dies; a job that cannot restart resumes at fewer ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,10 +25,27 @@ TINY = ["--width", "48", "--context", "32", "--layers", "2", "--heads", "2", "--
         "--batch-size", "12"]
 
 
-def torchrun(nproc: int, args: list[str], restarts: int = 0) -> subprocess.Popen:
-    return subprocess.Popen(torchrun_command(nproc, args, restarts=restarts), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+@pytest.fixture
+def torchrun():
+    """Starts torchrun jobs (``torchrun(nproc, args, restarts=0)``); whatever is still running at
+    the end of the test (a job that hung past its timeout) is killed with its workers, by PID."""
+    started: list[subprocess.Popen] = []
+
+    def start(nproc: int, args: list[str], restarts: int = 0) -> subprocess.Popen:
+        job = subprocess.Popen(torchrun_command(nproc, args, restarts=restarts), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        started.append(job)
+        return job
+
+    yield start
+    for job in started:
+        if job.poll() is None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for child in psutil.Process(job.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
+            job.kill()
+            job.wait()
 
 
 def kill_one_worker_after_first_checkpoint(agent: subprocess.Popen, ckpt: Path) -> int:
@@ -51,7 +69,7 @@ def losses(out: Path) -> list[float]:
 
 
 @pytest.mark.timeout(600)
-def test_killed_rank_restarts_from_the_last_checkpoint_and_at_fewer_ranks(tmp_path):
+def test_killed_rank_restarts_from_the_last_checkpoint_and_at_fewer_ranks(tmp_path, torchrun):
     steps = ["--steps", "60", "--save-every", "5"]
     straight = torchrun(2, [*TINY, *steps, "--out", str(tmp_path / "straight")])
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
@@ -87,7 +105,7 @@ def test_killed_rank_restarts_from_the_last_checkpoint_and_at_fewer_ranks(tmp_pa
 
 
 @pytest.mark.timeout(300)
-def test_killed_save_keeps_the_previous_checkpoint(tmp_path):
+def test_killed_save_keeps_the_previous_checkpoint(tmp_path, torchrun):
     """SIGKILL the job while it writes a checkpoint: the previous one stays complete and loadable,
     the partial one is refused as incomplete by the job and by the tool."""
     from microadam_dist import checkpoint
