@@ -254,9 +254,10 @@ def all_finite(t: torch.Tensor, chunk_elements: int) -> bool:
 
     One reduction decides the usual case (a NaN or an infinity makes the sum non-finite, and a
     finite sum proves there is none; one host sync on a GPU); only a non-finite sum, which a huge
-    but finite gradient can also give, is checked chunk by chunk.
+    but finite gradient can also give, is checked chunk by chunk. The sum keeps t's dtype:
+    ``sum(dtype=float32)`` of a bf16 tensor first copies all of it to fp32 on the CPU.
     """
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+    if bool(torch.isfinite(t.sum())):
         return True
     return all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(chunk_elements))
 
