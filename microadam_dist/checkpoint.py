@@ -347,6 +347,7 @@ class DeepSpeedCheckpoint(Checkpoint):
 
     def __init__(self, path: Path):
         super().__init__(path)
+        self._segment_cache: dict[tuple[int, int], Any] = {}  # (rank, partition) -> _build_segments
         tag_dir = self.path
         if (self.path / "latest").exists():
             tag_dir = self.path / (self.path / "latest").read_text().strip()
@@ -420,10 +421,9 @@ class DeepSpeedCheckpoint(Checkpoint):
     def _segments(self, rank: int, index: int):
         """Every parameter piece of one partition as sharded.Segment objects, and their state views
         (views into the memory-mapped file, built once per partition)."""
-        cache = self.__dict__.setdefault("_segment_cache", {})
-        if (rank, index) not in cache:
-            cache[(rank, index)] = self._build_segments(rank, index)
-        return cache[(rank, index)]
+        if (rank, index) not in self._segment_cache:
+            self._segment_cache[(rank, index)] = self._build_segments(rank, index)
+        return self._segment_cache[(rank, index)]
 
     def _build_segments(self, rank: int, index: int):
         from .deepspeed_zero import ZeroAdapter
