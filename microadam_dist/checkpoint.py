@@ -39,7 +39,7 @@ import torch
 
 from .functional import (STATE_DTYPES, StepConfig, canonical_shapes, dense_moments, from_row_form,
                          join_owned_blocks, to_row_form)
-from .geometry import Geometry, geometry_for
+from .geometry import Geometry, geometry_for, same_geometry_setting
 
 FORMAT = "microadam-canonical"
 FORMAT_VERSION = 1
@@ -916,6 +916,6 @@ def check_compatible(ckpt: Checkpoint, shapes: dict[str, tuple], groups: dict[st
     for name, group in groups.items():
         saved = ckpt.groups[ckpt.params[name].group]
         for key in GEOMETRY_KEYS:
-            if saved[key] != group[key] and not (key == "density" and math.isclose(float(saved[key]), float(group[key]))):
+            if not same_geometry_setting(key, saved[key], group[key]):
                 raise CheckpointError(f"{ckpt.path}: parameter {name!r} was saved with {key}={saved[key]!r}, this "
                                       f"optimizer has {key}={group[key]!r}; use the same MicroAdam geometry")

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from .functional import STATE_DTYPES, join_owned_blocks
-from .geometry import geometry_for
+from .geometry import geometry_for, same_geometry_setting
 from .optimizer import GEOMETRY_KEYS, MicroAdam
 from .sharded import Segment, ShardedStepper
 
@@ -381,7 +381,7 @@ class ZeroAdapter:
                 f"the checkpoint has {len(groups)} parameter groups, this optimizer {len(opt.param_groups)}"))
         for i, (saved, group) in enumerate(zip(groups, opt.param_groups)):
             for key in GEOMETRY_KEYS:
-                if saved.get(key) != group[key]:
+                if not same_geometry_setting(key, saved.get(key), group[key]):
                     raise ValueError(f"cannot load MicroAdam state saved with {key}={saved.get(key)!r} into an "
                                      f"optimizer with {key}={group[key]!r} (parameter group {i})")
             if len(saved["params"]) != len(group["params"]):

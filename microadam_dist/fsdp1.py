@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .functional import STATE_DTYPES
-from .geometry import geometry_for
+from .geometry import geometry_for, same_geometry_setting
 from .sharded import Segment, ShardedStepper
 
 
@@ -106,7 +106,7 @@ class FSDP1Adapter:
         loaded = {}
         for group_index, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
             for key in ("window_size", "density", "block_size", "quant_bucket_size"):
-                if saved.get(key) != group[key]:
+                if not same_geometry_setting(key, saved.get(key), group[key]):
                     raise ValueError(f"cannot load MicroAdam state saved with {key}={saved.get(key)!r} "
                                      f"into an optimizer with {key}={group[key]!r}")
             for param_index, p in enumerate(group["params"]):

@@ -33,6 +33,22 @@ def topk_count(density: float, n: int) -> int:
     return min(n, max(1, math.ceil(density * n * (1.0 - 1e-12))))
 
 
+DENSITY_REL_TOL = 1e-13  # float rounding only: far below any density a user would choose differently
+
+
+def same_geometry_setting(key: str, saved, current) -> bool:
+    """The one rule for whether a saved geometry setting (window_size, density, block_size,
+    quant_bucket_size) matches an optimizer's: integers exactly; density up to float rounding
+    (a density that went through JSON, a config file or another computation of the same decimal).
+    Loaders check the state's shapes separately."""
+    if key != "density":
+        return saved == current
+    if isinstance(saved, bool) or isinstance(current, bool) or not all(
+            isinstance(v, (int, float)) for v in (saved, current)):
+        return False
+    return math.isclose(float(saved), float(current), rel_tol=DENSITY_REL_TOL, abs_tol=0.0)
+
+
 @dataclass(frozen=True)
 class Piece:
     """A rectangle of equal-length blocks: ``num_rows`` x ``num_cols`` blocks of ``block_len``.

@@ -25,7 +25,7 @@ from .functional import (
     microadam_blocks_,
     to_row_form,
 )
-from .geometry import Geometry, geometry_for
+from .geometry import Geometry, geometry_for, same_geometry_setting
 from .sharded import ShardedStepper
 
 #: Fixed defaults, never derived from the device (see docs/design.md for the reasoning).
@@ -356,7 +356,7 @@ class MicroAdam(torch.optim.Optimizer):
                 if key not in saved:
                     raise ValueError(f"parameter group {i} of the state_dict has no {key!r}: "
                                      "it was not saved by MicroAdam")
-                if saved[key] != group[key]:
+                if not same_geometry_setting(key, saved[key], group[key]):
                     raise ValueError(
                         f"cannot load MicroAdam state saved with {key}={saved[key]!r} into an "
                         f"optimizer with {key}={group[key]!r} (parameter group {i}); build the "

@@ -254,3 +254,22 @@ def test_killed_conversion_leaves_the_previous_output_and_a_detectable_partial(t
         checkpoint.open_checkpoint(partial)
     cli("convert", src, out, "--to", "dcp", "--quiet", "--overwrite")
     assert (out / ".metadata").exists()
+
+
+@pytest.mark.parametrize("density, same", [(0.05, True), (0.15 / 3, True), (0.05 * (1 + 1e-10), False), (0.06, False)])
+def test_one_density_rule_for_every_loader(good, density, same):
+    """check_compatible (canonical load) and MicroAdam.load_state_dict accept and refuse the same
+    densities: 0.15 / 3 is 0.049999999999999996 in binary, the same decimal as 0.05."""
+    model, opt = trained()
+    sd = opt.state_dict()
+    model2 = P.W.Injected()
+    opt2 = MicroAdam(model2.parameters(), **{**P.W.P1_HYPER, "density": density})
+    outcomes = []
+    for load in (lambda: checkpoint.load(model2, opt2, good), lambda: opt2.load_state_dict(sd)):
+        try:
+            load()
+            outcomes.append(True)
+        except (CheckpointError, ValueError) as e:
+            assert "density" in str(e)
+            outcomes.append(False)
+    assert outcomes == [same, same]
