@@ -30,6 +30,7 @@ import triton.language as tl
 
 from microadam_dist.functional import StepConfig, bias_corrections, window_weights
 from microadam_dist.geometry import Geometry
+from microadam_dist.kernels.densify import densify_triton_
 
 MAX_WINDOW_ENTRIES = 8192  # window_size * k per block the update kernel handles
 # no fused multiply-adds: the GPU compiler would otherwise round lo + code * u once, not twice
@@ -248,3 +249,5 @@ def microadam_blocks_triton_(
             ENTRIES=entries, PARAM_BF16=param.dtype == torch.bfloat16,
             DECAY=cfg.weight_decay != 0.0, BLOCK=block, **LAUNCH_OPTIONS,
         )
+    if cfg.alpha != 0.0:  # the authors' densification: one more pass (kernels/densify.py)
+        densify_triton_(geometry, b0, b1, param, state, cfg)

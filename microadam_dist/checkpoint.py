@@ -46,7 +46,8 @@ FORMAT_VERSION = 1
 MANIFEST = "microadam-checkpoint.json"
 FIELDS = ("step", "window_idx", "window_val", "ef_codes", "ef_stats")
 GEOMETRY_KEYS = ("window_size", "density", "block_size", "quant_bucket_size")
-HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", *GEOMETRY_KEYS)
+HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "alpha", *GEOMETRY_KEYS)
+HYPER_DEFAULTS = {"alpha": 0.0}  # what a checkpoint saved before the key existed means
 DEFAULT_SHARD_BYTES = 1 << 30
 
 
@@ -263,7 +264,7 @@ class DCPCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.path} holds the state of another optimizer (fields "
                                   f"{sorted(state_fields)}), not MicroAdam's")
         for g in group_keys:
-            group = {key: values.get(f"optim.param_groups.{g}.{key}") for key in HYPER_KEYS}
+            group = {key: values.get(f"optim.param_groups.{g}.{key}", HYPER_DEFAULTS.get(key)) for key in HYPER_KEYS}
             missing = [key for key in GEOMETRY_KEYS if group[key] is None]
             if missing:
                 raise CheckpointError(f"{self.path} holds the state of another optimizer: its parameter group {g} "
@@ -372,7 +373,8 @@ class DeepSpeedCheckpoint(Checkpoint):
         for rank in range(self.world_size):
             base, layout, flats = first if rank == min(files) else self._load_rank_file(files[rank])
             if rank == 0:
-                self.groups = [{key: g.get(key) for key in HYPER_KEYS} for g in base["param_groups"]]
+                self.groups = [{key: g.get(key, HYPER_DEFAULTS.get(key)) for key in HYPER_KEYS}
+                               for g in base["param_groups"]]
                 for gi, g in enumerate(base["param_groups"]):
                     for index in g["params"]:
                         group_of_index[index] = gi
@@ -843,7 +845,8 @@ class _LiveCheckpoint(Checkpoint):
     def __init__(self, model, opt):
         super().__init__(Path("<memory>"))
         self._params, group_of = _named(model, opt)
-        self.groups = [{k: (tuple(g[k]) if k == "betas" else g[k]) for k in HYPER_KEYS} for g in opt.param_groups]
+        self.groups = [{k: (tuple(g[k]) if k == "betas" else g.get(k, HYPER_DEFAULTS.get(k))) for k in HYPER_KEYS}
+                       for g in opt.param_groups]
         self.params = {n: ParamEntry(n, tuple(p.shape), group_of[id(p)]) for n, p in self._params.items()}
         self._opt = opt
         self.world_size = 1

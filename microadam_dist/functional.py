@@ -6,6 +6,8 @@ One step of one block range (see ``microadam_blocks_``) is:
   3. a[selected] = 0; e = quant4(a)            the residual becomes the error feedback
   4. p *= 1 - lr * weight_decay                decoupled weight decay
   5. p -= lr * c1 * M / (sqrt(c2 * S) + eps)   M, S rebuilt from the window
+  7. with 0 < alpha < 1 (the authors' densification, spec section 5), a dense pass after the
+     parameter is written: p -= (lr * alpha) * dequant(e); e = quant4((1 - alpha) * dequant(e))
 Work is done piece by piece (geometry.Piece) and in chunks of at most ``chunk_elements``
 elements, so no temporary grows with the parameter.
 """
@@ -41,6 +43,14 @@ class StepConfig:
     window_size: int
     step: int  # t, already incremented: the first step has t = 1
     chunk_elements: int = 1 << 20
+    alpha: float = 0.0  # densification (spec section 5); 0 is the plain algorithm
+
+
+def densify_scalars(cfg: StepConfig) -> tuple[float, float]:
+    """(lr * alpha, 1 - alpha) rounded to fp32 once, the factors every path multiplies by, so a
+    kernel that takes fp32 arguments and PyTorch's fp32 arithmetic see the same numbers."""
+    f32 = lambda x: float(torch.tensor(x, dtype=torch.float32))  # noqa: E731
+    return f32(cfg.lr * cfg.alpha), f32(1.0 - cfg.alpha)
 
 
 # ---- 4-bit error feedback -----------------------------------------------------------------------
@@ -242,6 +252,25 @@ def microadam_blocks_(
             p.scatter_(1, flat_idx, p.gather(1, flat_idx).add_(update, alpha=-cfg.lr))
             if p.data_ptr() != v.param.data_ptr():  # p was a copy (bf16, or a strided chunk)
                 v.param.copy_(p.view(nr, nc, n))
+            # 7. densification: a separate pass on the written parameter, as the Triton path does
+            if cfg.alpha != 0.0:
+                _densify_(v, nb, n, bucket, *densify_scalars(cfg))
+
+
+def _densify_(v: _ChunkViews, nb: int, n: int, bucket: int, lr_alpha: float, keep: float) -> None:
+    """p -= (lr * alpha) * dequant(e), rounded to p's dtype; e = quant4((1 - alpha) * dequant(e)).
+
+    The order of operations is fixed (docs/design.md, "Densification") so the Triton kernel
+    (kernels/densify.py) writes the same codes and statistics bit for bit.
+    """
+    e = dequantize_4bit(_flat_blocks(v.ef_codes, nb), _flat_blocks(v.ef_stats, nb), n, bucket)
+    p = _flat_blocks(v.param, nb).float()
+    p.sub_(e * lr_alpha)
+    if p.data_ptr() != v.param.data_ptr():
+        v.param.copy_(p.view(v.param.shape))
+    codes, stats = quantize_4bit(e.mul_(keep), bucket)
+    v.ef_codes.copy_(codes.view(v.ef_codes.shape))
+    v.ef_stats.copy_(stats.view(v.ef_stats.shape))
 
 
 def any_nonzero(t: torch.Tensor, chunk_elements: int) -> bool:
@@ -368,6 +397,7 @@ __all__ = [
     "all_finite",
     "any_nonzero",
     "bias_corrections",
+    "densify_scalars",
     "dequantize_4bit",
     "init_state",
     "canonical_shapes",

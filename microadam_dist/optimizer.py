@@ -85,6 +85,9 @@ def validate_hyperparameters(group: dict[str, Any]) -> None:
     d = group["density"]
     if not _is_number(d) or not 0.0 < d <= 1.0:
         raise ValueError(f"Invalid density: {d!r}; it must be in (0, 1]")
+    alpha = group.get("alpha", 0.0)
+    if not _is_number(alpha) or not 0.0 <= alpha < 1.0:
+        raise ValueError(f"Invalid alpha: {alpha!r}; it must be in [0, 1) (0 turns densification off)")
     b = group["block_size"]
     if not _is_int(b) or not 1 <= b <= MAX_BLOCK_SIZE:
         raise ValueError(
@@ -119,10 +122,13 @@ class MicroAdam(torch.optim.Optimizer):
         density: fraction of each block kept per step, in (0, 1].
         block_size: elements per top-k block (<= 32768). Blocks never cross a row (dim 0).
         quant_bucket_size: elements per 4-bit quantization bucket; divides ``block_size``.
+        alpha: the authors' densification, in [0, 1): each step also applies ``alpha`` times the
+            4-bit error feedback (a dense update) and keeps ``1 - alpha`` of it. 0 (the default)
+            is the plain algorithm.
         backend: ``"auto"`` (Triton for CUDA tensors when available, else PyTorch), ``"torch"``
             or ``"triton"``.
 
-    lr, betas, eps and weight_decay may differ per parameter group; so may the four geometry
+    lr, betas, eps, weight_decay and alpha may differ per parameter group; so may the four geometry
     hyperparameters, which cannot change once a parameter has state.
     """
 
@@ -149,6 +155,7 @@ class MicroAdam(torch.optim.Optimizer):
         quant_bucket_size: int = DEFAULT_QUANT_BUCKET_SIZE,
         backend: str = "auto",
         nonfinite: str = "skip",
+        alpha: float = 0.0,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; choose one of {BACKENDS}")
@@ -160,7 +167,7 @@ class MicroAdam(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, window_size=window_size, density=density,
-            block_size=block_size, quant_bucket_size=quant_bucket_size,
+            block_size=block_size, quant_bucket_size=quant_bucket_size, alpha=alpha,
         )
         validate_hyperparameters(defaults)
         self.backend = backend
@@ -280,7 +287,7 @@ class MicroAdam(torch.optim.Optimizer):
         cfg = StepConfig(
             lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
             weight_decay=group["weight_decay"], window_size=group["window_size"],
-            step=int(state["step"]), chunk_elements=self.chunk_elements,
+            step=int(state["step"]), chunk_elements=self.chunk_elements, alpha=group.get("alpha", 0.0),
         )
         flat_param = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
         grad = p.grad.reshape(-1)
@@ -381,6 +388,9 @@ class MicroAdam(torch.optim.Optimizer):
                 imported[p] = from_row_form(st, geom, m)
             imported[p] = {k: v if k == "step" else v.to(p.device) for k, v in imported[p].items()}
         super().load_state_dict({**state_dict, "state": {}})  # hyperparameters only
+        for group in self.param_groups:  # a state_dict saved before alpha existed: no densification
+            if group.get("alpha") is None:
+                group["alpha"] = 0.0
         for p, st in imported.items():
             self.state[p] = st
 

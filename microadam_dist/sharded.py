@@ -203,7 +203,8 @@ class ShardedStepper:
             g = seg.group
             cfg = StepConfig(lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
                              weight_decay=g["weight_decay"], window_size=g["window_size"],
-                             step=int(state["step"]), chunk_elements=chunk_elements)
+                             step=int(state["step"]), chunk_elements=chunk_elements,
+                             alpha=g.get("alpha", 0.0))
             blocks_fn(seg.geometry, b0, b1, param, grad, state, cfg)
             if i in tails:
                 seg.param[lo:hi].copy_(param[:hi - lo])

@@ -21,9 +21,10 @@ def bf16(x: float) -> float:
 
 
 class NaiveMicroAdam:
-    def __init__(self, shape, lr, betas, eps, weight_decay, window, density, block, bucket):
+    def __init__(self, shape, lr, betas, eps, weight_decay, window, density, block, bucket, alpha=0.0):
         self.shape = tuple(shape)
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
+        self.alpha = alpha  # densification (spec section 5)
         self.m, self.block, self.bucket = window, block, bucket
         numel = math.prod(self.shape)
         rows = self.shape[0] if len(self.shape) >= 2 else 1
@@ -60,19 +61,7 @@ class NaiveMicroAdam:
             self.window[bi][slot] = [(i, bf16(a[i])) for i in chosen]
             for i in chosen:
                 a[i] = f32(0)
-            # quantize the residual per bucket
-            for q0 in range(0, n, self.bucket):
-                vals = a[q0:q0 + self.bucket]
-                lo, hi = min(vals), max(vals)
-                u = f32(f32(hi - lo) / f32(15))
-                for j, x in enumerate(vals):
-                    if u > 0:
-                        code = math.floor(f32(f32(f32(x - lo) / u) + f32(0.5)))
-                        code = min(15, max(0, code))
-                    else:
-                        code = 0
-                    self.codes[bi][q0 + j] = code
-                self.stats[bi][q0 // self.bucket] = (lo, hi)
+            self._quantize(bi, a)
             # moments from the window, then the update
             M = [0.0] * n
             S = [0.0] * n
@@ -86,7 +75,28 @@ class NaiveMicroAdam:
             for i in range(n):
                 u_i = c1 * M[i] / (math.sqrt(c2 * S[i]) + self.eps)
                 p[start + i] = p[start + i] * (1 - self.lr * self.wd) - self.lr * u_i
+            if self.alpha:
+                # densification: alpha of the error feedback joins the update and leaves e
+                e = [self._dequant(bi, i) for i in range(n)]
+                for i in range(n):
+                    p[start + i] -= self.lr * self.alpha * float(e[i])
+                self._quantize(bi, [f32(f32(1 - self.alpha) * e[i]) for i in range(n)])
         return p
+
+    def _quantize(self, bi, a):
+        """4-bit codes and (lo, hi) of block bi's values a (fp32), per bucket."""
+        for q0 in range(0, len(a), self.bucket):
+            vals = a[q0:q0 + self.bucket]
+            lo, hi = min(vals), max(vals)
+            u = f32(f32(hi - lo) / f32(15))
+            for j, x in enumerate(vals):
+                if u > 0:
+                    code = math.floor(f32(f32(f32(x - lo) / u) + f32(0.5)))
+                    code = min(15, max(0, code))
+                else:
+                    code = 0
+                self.codes[bi][q0 + j] = code
+            self.stats[bi][q0 // self.bucket] = (lo, hi)
 
     # the package's flat state layout, built from the per-block state, for comparison
     def flat_state(self) -> dict[str, np.ndarray]:

@@ -37,10 +37,10 @@ def grads_at(step, model_params):
     return [torch.randn(p.shape, generator=gen) for p in model_params]
 
 
-def single_process(steps):
+def single_process(steps, hp=HP):
     """Reference run: plain parameters, one process."""
     model = Net()
-    opt = MicroAdam(model.parameters(), **HP)
+    opt = MicroAdam(model.parameters(), **hp)
     for t in range(steps):
         for p, g in zip(model.parameters(), grads_at(t, list(model.parameters()))):
             p.grad = g
@@ -74,9 +74,9 @@ def full_state(opt):
     return {i: {k: _full(v) for k, v in st.items()} for i, st in opt.state_dict()["state"].items()}
 
 
-def _p1_worker(rank, world, steps, out_dir, hsdp=False):
+def _p1_worker(rank, world, steps, out_dir, hsdp=False, hp=HP):
     model, mesh = sharded_model(world, hsdp)
-    opt = MicroAdam(model.parameters(), **HP)
+    opt = MicroAdam(model.parameters(), **hp)
     for t in range(steps):
         inject(model, mesh, t)
         opt.step()
@@ -88,9 +88,17 @@ def _p1_worker(rank, world, steps, out_dir, hsdp=False):
 
 @pytest.mark.parametrize("world, hsdp", [(2, False), (3, False), (4, False), (4, True)])
 def test_fsdp2_step_is_bitwise_single_process(tmp_path, world, hsdp):
-    run_workers(_p1_worker, world, 6, str(tmp_path), hsdp)
+    _check_p1(tmp_path, world, hsdp, HP)
+
+
+def test_fsdp2_step_with_densification_is_bitwise_single_process(tmp_path):
+    _check_p1(tmp_path, 3, False, {**HP, "alpha": 0.5})
+
+
+def _check_p1(tmp_path, world, hsdp, hp):
+    run_workers(_p1_worker, world, 6, str(tmp_path), hsdp, hp)
     got = torch.load(tmp_path / "result.pt")
-    model, opt = single_process(6)
+    model, opt = single_process(6, hp)
     for a, b in zip(got["params"], model.parameters()):
         assert torch.equal(a, b.detach())
     want = full_state(opt)

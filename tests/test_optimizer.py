@@ -143,6 +143,38 @@ def test_per_group_hyperparameters():
     assert a.abs().max() > 0.05 and b.abs().max() == 0
 
 
+def test_alpha_is_a_group_hyperparameter_saved_like_lr(tmp_path):
+    """alpha (densification) travels in param groups: per group, through a checkpoint on disk (a
+    resumed run equals the straight one), and a state_dict saved before alpha existed means 0."""
+    def build(params, alpha):
+        return MicroAdam([{"params": params[:2], "alpha": 0.3}, {"params": params[2:]}], lr=1e-2,
+                         alpha=alpha, **SMALL)
+
+    straight = _params()
+    opt = build(straight, 0.5)
+    _train(opt, straight, 8, 0, torch.float32)
+    resumed = _params()
+    opt1 = build(resumed, 0.5)
+    _train(opt1, resumed, 3, 0, torch.float32)
+    torch.save(opt1.state_dict(), tmp_path / "optim.pt")
+    opt2 = build(resumed, 0.0)  # built with another alpha: the checkpoint's wins, as for lr
+    opt2.load_state_dict(torch.load(tmp_path / "optim.pt", weights_only=True))
+    assert [g["alpha"] for g in opt2.param_groups] == [0.3, 0.5]
+    _train(opt2, resumed, 5, 3, torch.float32)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+    # alpha changes the trajectory (so the comparison above could tell)
+    plain = _params()
+    _train(MicroAdam(plain, lr=1e-2, **SMALL), plain, 8, 0, torch.float32)
+    assert not torch.equal(plain[0], straight[0])
+    sd = opt1.state_dict()
+    for g in sd["param_groups"]:
+        del g["alpha"]
+    opt3 = build(_params(), 0.5)
+    opt3.load_state_dict(sd)
+    assert [g["alpha"] for g in opt3.param_groups] == [0.0, 0.0]
+
+
 def test_non_contiguous_param():
     base = torch.randn(40, 30)
     p = base.t().detach().requires_grad_()  # (30, 40), not contiguous
@@ -167,6 +199,7 @@ def test_non_contiguous_param():
     (dict(block_size=64, quant_bucket_size=48), "quant_bucket_size"),
     (dict(block_size=64, quant_bucket_size=128), "quant_bucket_size"),
     (dict(backend="cuda"), "backend"),
+    (dict(alpha=1.0), "alpha"), (dict(alpha=-0.1), "alpha"), (dict(alpha=-2), "alpha"), (dict(alpha=True), "alpha"),
 ])
 def test_invalid_hyperparameters(kwargs, name):
     with pytest.raises(ValueError, match=f"Invalid {name}"):

@@ -74,15 +74,17 @@ def test_adamw_oracle_bf16(shape):
 NAIVE_SHAPES = [(7, 100), (3, 50), (5,), (130,), (2, 3, 40), ()]
 
 
-def test_matches_naive_implementation_step_by_step():
+@pytest.mark.parametrize("alpha", [0.0, 0.4])  # 0.4: the authors' densification (spec section 5)
+def test_matches_naive_implementation_step_by_step(alpha):
     hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
     geo = dict(window_size=4, density=0.05, block_size=64, quant_bucket_size=16)
     gen = torch.Generator().manual_seed(3)
     params = [torch.randn(s, generator=gen).requires_grad_() for s in NAIVE_SHAPES]
     naive = [NaiveMicroAdam(s, hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"], geo["window_size"],
-                            geo["density"], geo["block_size"], geo["quant_bucket_size"]) for s in NAIVE_SHAPES]
+                            geo["density"], geo["block_size"], geo["quant_bucket_size"], alpha=alpha)
+             for s in NAIVE_SHAPES]
     naive_p = [p.detach().double().reshape(-1).numpy().copy() for p in params]
-    opt = MicroAdam(params, **hp, **geo)
+    opt = MicroAdam(params, **hp, **geo, alpha=alpha)
     for step in range(1, 23):  # window 4: the ring wraps five times
         for i, p in enumerate(params):
             g = torch.randn(p.shape, generator=gen)

@@ -23,14 +23,15 @@ def _data(dtype):
     return params, grads
 
 
-def _single(dtype):
+def _single(dtype, alpha=0.0):
     params, grads = _data(dtype)
     states = []
     for i, s in enumerate(SHAPES):
         geom = geometry_for(s, *GEO)
         st = init_state(geom, 3, 0, geom.num_blocks, "cpu")
         for t in range(1, STEPS + 1):
-            cfg = StepConfig(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, window_size=3, step=t)
+            cfg = StepConfig(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, window_size=3, step=t,
+                             alpha=alpha)
             microadam_blocks_(geom, 0, geom.num_blocks, params[i], grads[t - 1][i], st, cfg)
         st["step"] = torch.tensor(STEPS)
         states.append(st)
@@ -60,14 +61,14 @@ def _layout(kind, world, rank):
     return out
 
 
-def _worker(rank, world, kind, dtype, out_dir):
+def _worker(rank, world, kind, dtype, out_dir, alpha=0.0):
     params, grads = _data(dtype)
     layout = _layout(kind, world, rank)
     local = [params[i][s:e].clone() for i, s, e in layout]
     stepper, states = ShardedStepper(), {}
     for t in range(STEPS):
         segs = [Segment(key=f"p{i}", geometry=geometry_for(SHAPES[i], *GEO), start=s, param=local[j],
-                        grad=grads[t][i][s:e].clone(), group=GROUP) for j, (i, s, e) in enumerate(layout)]
+                        grad=grads[t][i][s:e].clone(), group={**GROUP, "alpha": alpha}) for j, (i, s, e) in enumerate(layout)]
         stepper.step(segs, states, chunk_elements=1 << 20)
     torch.save({"layout": layout, "params": local, "states": states}, f"{out_dir}/rank{rank}.pt")
 
@@ -75,8 +76,17 @@ def _worker(rank, world, kind, dtype, out_dir):
 @pytest.mark.parametrize("kind, world", [("zero", 2), ("zero", 3), ("chunks", 2), ("chunks", 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sharded_step_is_bitwise_single_process(tmp_path, kind, world, dtype):
-    run_workers(_worker, world, kind, dtype, str(tmp_path))
-    want_params, want_states = _single(dtype)
+    _check_sharded(tmp_path, kind, world, dtype, 0.0)
+
+
+@pytest.mark.parametrize("kind, world, dtype", [("zero", 3, torch.float32), ("chunks", 2, torch.bfloat16)])
+def test_sharded_step_with_densification_is_bitwise_single_process(tmp_path, kind, world, dtype):
+    _check_sharded(tmp_path, kind, world, dtype, 0.5)  # the dense pass runs on straddling blocks too
+
+
+def _check_sharded(tmp_path, kind, world, dtype, alpha):
+    run_workers(_worker, world, kind, dtype, str(tmp_path), alpha)
+    want_params, want_states = _single(dtype, alpha)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for i, shape in enumerate(SHAPES):
         pieces = sorted((s, r, j) for r, g in enumerate(got) for j, (pi, s, e) in enumerate(g["layout"]) if pi == i)
