@@ -52,10 +52,97 @@ def _f32_to_bf16_bits(x):
 @triton.jit
 def _compress(
     grad_ptr, codes_ptr, stats_ptr, idx_ptr, val_ptr,
+    n, k, num_cols, buckets, ef_bytes,
+    elem_off, elem_row, k_off, k_row, ef_off, ef_row, q_off, q_row,
+    NB: tl.constexpr, BS: tl.constexpr, QB: tl.constexpr, GRAD_BF16: tl.constexpr,
+):
+    """The block as [NB, BS]: row r holds bucket r (element r * QB + j for j < QB), so every
+    per-bucket quantity is a scalar of its row (one load, one division per bucket) and a row-major
+    scan is a scan in element order. QB is even (pairs of 4-bit codes never straddle a bucket)."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // num_cols
+    col = pid % num_cols
+    e0 = elem_off + row * elem_row + col * n
+    k0 = k_off + row * k_row + col * k
+    c0 = ef_off + row * ef_row + col * ef_bytes
+    q0 = q_off + row * q_row + col * buckets
+    rb = tl.arange(0, NB)
+    jb = tl.arange(0, BS)
+    offs = rb[:, None] * QB + jb[None, :]
+    inside = (jb[None, :] < QB) & (offs < n)
+    has_bucket = rb < buckets
+
+    # 1. a = g + dequant(e): lo + code * u with u = (hi - lo) / 15 once per bucket
+    if GRAD_BF16:
+        g = _bf16_bits_to_f32(tl.load(grad_ptr + e0 + offs, mask=inside, other=0))
+    else:
+        g = tl.load(grad_ptr + e0 + offs, mask=inside, other=0.0)
+    byte = tl.load(codes_ptr + c0 + offs // 2, mask=inside, other=0).to(tl.int32)
+    code = (byte >> ((offs % 2) * 4)) & 0xF
+    lo = tl.load(stats_ptr + 2 * (q0 + rb), mask=has_bucket, other=0.0)
+    hi = tl.load(stats_ptr + 2 * (q0 + rb) + 1, mask=has_bucket, other=0.0)
+    u = tl.div_rn(hi - lo, 15.0)
+    a = g + (lo[:, None] + code.to(tl.float32) * u[:, None])
+    a = tl.where(inside, a, 0.0)
+
+    # 2. top-k: the k-th largest |a| (as int32 bits, monotonic for |a| >= 0) by a radix search,
+    #    2 bits per round with the three candidate counts packed in one int64 sum; then every
+    #    entry above it and the first ties (smaller indices win) are compacted in index order
+    mag = tl.where(inside, tl.abs(a).to(tl.int32, bitcast=True), -1)
+    thr = 0
+    for shift in tl.static_range(29, 0, -2):  # bits 30..1; bit 31 of |a| is 0
+        c1 = thr | (1 << shift)
+        c2 = thr | (2 << shift)
+        c3 = thr | (3 << shift)
+        packed = ((mag >= c1).to(tl.int64) | ((mag >= c2).to(tl.int64) << 16)
+                  | ((mag >= c3).to(tl.int64) << 32))
+        counts = tl.sum(tl.sum(packed, axis=1), axis=0)  # each count <= 32768 fits its 16 bits
+        thr = tl.where((counts >> 32) >= k, c3,
+                       tl.where(((counts >> 16) & 0xFFFF) >= k, c2,
+                                tl.where((counts & 0xFFFF) >= k, c1, thr)))
+    c1 = thr | 1
+    thr = tl.where(tl.sum(tl.sum((mag >= c1).to(tl.int32), axis=1), axis=0) >= k, c1, thr)
+    above = mag > thr
+    ties = mag == thr
+    need = k - tl.sum(tl.sum(above.to(tl.int32), axis=1), axis=0)  # 1 <= need <= number of ties
+    # one scan counts both: entries above (< k <= 32768, 15 bits) and ties (<= 32768) before each;
+    # in element order: the scan of each row plus the totals of the rows before it
+    both = above.to(tl.int32) | (ties.to(tl.int32) << 15)
+    row_total = tl.sum(both, axis=1)
+    ranks = tl.cumsum(both, axis=1) + (tl.cumsum(row_total, axis=0) - row_total)[:, None]
+    tie_rank = ranks >> 15
+    chosen = above | (ties & (tie_rank <= need))
+    pos = (ranks & 0x7FFF) + tl.minimum(tie_rank, need) - 1
+    tl.store(idx_ptr + k0 + pos, offs.to(tl.int16), mask=chosen)
+    tl.store(val_ptr + k0 + pos, _f32_to_bf16_bits(a), mask=chosen)
+    a = tl.where(chosen, 0.0, a)
+
+    # 3. quantize the residual: each bucket's lo, hi and u once, as functional.quantize_4bit
+    b_lo = tl.min(tl.where(inside, a, float("inf")), axis=1)
+    b_hi = tl.max(tl.where(inside, a, float("-inf")), axis=1)
+    u = tl.div_rn(b_hi - b_lo, 15.0)
+    q = tl.floor(tl.div_rn(a - b_lo[:, None], tl.where(u > 0, u, 1.0)[:, None]) + 0.5)
+    q = tl.minimum(tl.maximum(q, 0.0), 15.0)
+    codes = tl.where(inside, q.to(tl.int32), 0)
+    tl.store(stats_ptr + 2 * (q0 + rb), b_lo, mask=has_bucket)
+    tl.store(stats_ptr + 2 * (q0 + rb) + 1, b_hi, mask=has_bucket)
+    even, odd = tl.split(tl.reshape(codes, [NB, BS // 2, 2]))
+    pair = tl.arange(0, BS // 2)[None, :]
+    byte_at = rb[:, None] * (QB // 2) + pair
+    tl.store(codes_ptr + c0 + byte_at, (even | (odd << 4)).to(tl.uint8),
+             mask=(2 * pair < QB) & (byte_at < ef_bytes))
+
+
+
+@triton.jit
+def _compress_odd_buckets(
+    grad_ptr, codes_ptr, stats_ptr, idx_ptr, val_ptr,
     n, k, num_cols, buckets, ef_bytes, bucket_size,
     elem_off, elem_row, k_off, k_row, ef_off, ef_row, q_off, q_row,
     BLOCK: tl.constexpr, HALF: tl.constexpr, GRAD_BF16: tl.constexpr,
 ):
+    """``_compress`` for an odd bucket size (4-bit code pairs straddle buckets): the block as
+    one row, per-element bucket statistics and a runtime loop over the buckets."""
     pid = tl.program_id(0).to(tl.int64)
     row = pid // num_cols
     col = pid % num_cols
@@ -233,14 +320,22 @@ def microadam_blocks_triton_(
             raise ValueError(f"the Triton path handles window_size * k <= {MAX_WINDOW_ENTRIES} entries per "
                              f"block, got {m} * {k}; use backend='torch' or a smaller density/block_size")
         grid = (piece.num_blocks,)
-        _compress[grid](
-            grad_bits, state["ef_codes"], state["ef_stats"], idx_slot, val_slot,
-            n, k, piece.num_cols, piece.buckets, piece.ef_bytes, geometry.quant_bucket_size,
-            piece.elem_offset, piece.elem_row_stride, piece.k_offset, piece.k_row_stride,
-            piece.ef_offset, piece.ef_row_stride, piece.bucket_offset, piece.bucket_row_stride,
-            BLOCK=block, HALF=block // 2, GRAD_BF16=grad.dtype == torch.bfloat16,
-            **LAUNCH_OPTIONS,
-        )
+        qb = geometry.quant_bucket_size
+        offsets = (piece.elem_offset, piece.elem_row_stride, piece.k_offset, piece.k_row_stride,
+                   piece.ef_offset, piece.ef_row_stride, piece.bucket_offset, piece.bucket_row_stride)
+        if qb % 2 == 0:  # a row of [buckets, bucket size] per bucket
+            _compress[grid](
+                grad_bits, state["ef_codes"], state["ef_stats"], idx_slot, val_slot,
+                n, k, piece.num_cols, piece.buckets, piece.ef_bytes, *offsets,
+                NB=triton.next_power_of_2(piece.buckets), BS=triton.next_power_of_2(min(qb, max(n, 2))), QB=qb,
+                GRAD_BF16=grad.dtype == torch.bfloat16, **LAUNCH_OPTIONS,
+            )
+        else:
+            _compress_odd_buckets[grid](
+                grad_bits, state["ef_codes"], state["ef_stats"], idx_slot, val_slot,
+                n, k, piece.num_cols, piece.buckets, piece.ef_bytes, qb, *offsets,
+                BLOCK=block, HALF=block // 2, GRAD_BF16=grad.dtype == torch.bfloat16, **LAUNCH_OPTIONS,
+            )
         _update[grid](
             param_bits, win_idx, win_val.view(torch.int16), w1, w2,
             n, k, piece.num_cols, filled, win_idx.stride(0),

@@ -37,17 +37,22 @@ def main():
     for arch, blocks in ((90, (64, 4096)), (80, (4096,))):
         for bf16 in (False, True):
             data = "*i16" if bf16 else "*fp32"  # bf16 tensors travel as int16 bits
+            compress_ptrs = {"grad_ptr": data, "codes_ptr": "*u8", "stats_ptr": "*fp32", "idx_ptr": "*i16",
+                             "val_ptr": "*i16"}
             for block in blocks:
+                bucket = 16 if block == 64 else 2048  # the tests' and the default geometry
                 print(json.dumps(compile_variant(
-                    tp._compress, arch,
-                    {"grad_ptr": data, "codes_ptr": "*u8", "stats_ptr": "*fp32", "idx_ptr": "*i16", "val_ptr": "*i16"},
-                    {"BLOCK": block, "HALF": block // 2, "GRAD_BF16": bf16})), flush=True)
+                    tp._compress, arch, compress_ptrs,
+                    {"NB": block // bucket, "BS": bucket, "QB": bucket, "GRAD_BF16": bf16})), flush=True)
                 for decay in (False, True):
                     print(json.dumps(compile_variant(
                         tp._update, arch,
                         {"param_ptr": data, "idx_ptr": "*i16", "val_ptr": "*i16", "w1_ptr": "*fp32", "w2_ptr": "*fp32"},
                         {"ENTRIES": 512, "PARAM_BF16": bf16, "DECAY": decay, "BLOCK": block},
                         floats)), flush=True)
+            # an odd bucket size takes the one-row kernel
+            print(json.dumps(compile_variant(tp._compress_odd_buckets, arch, compress_ptrs,
+                                             {"BLOCK": 128, "HALF": 64, "GRAD_BF16": bf16})), flush=True)
 
 
 if __name__ == "__main__":

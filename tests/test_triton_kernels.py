@@ -87,6 +87,13 @@ def test_default_geometry():
     run_both((3, 5000), torch.bfloat16, 0.01, steps=2, density=0.01, block=4096, bucket=2048, window=10)
 
 
+@pytest.mark.parametrize("block, bucket", [(60, 12), (75, 25), (64, 1), (64, 2), (64, 64)])
+def test_bucket_sizes(block, bucket):
+    """Even buckets take the [buckets, bucket size] kernel (12 padded to 16 columns; the tail block
+    of 36 shorter than its bucket of 64 as one row), odd ones the one-row kernel."""
+    run_both((4, 100), torch.bfloat16, 0.1, steps=4, block=block, bucket=bucket)
+
+
 def test_optimizer_backends_agree():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.GELU(), torch.nn.Linear(30, 5)).to(DEVICE)
