@@ -310,7 +310,10 @@ class DCPCheckpoint(Checkpoint):
         if not present:
             return None
         values = self._load(present)
-        return {key: values.get(f"optim.state.{name}.{key}") for key in FIELDS}
+        st = {key: values.get(f"optim.state.{name}.{key}") for key in FIELDS}
+        from .fsdp import narrow_saved  # FSDP2 exports window indices as int32
+
+        return narrow_saved(st)
 
 
 def _lookup(nested: Any, key: str) -> Any:

@@ -28,7 +28,7 @@ Examples:
   microadam-ckpt convert ckpts OUT --to single              # DeepSpeed (any size) -> canonical
   microadam-ckpt convert ckpts OUT --to dcp                 # DeepSpeed -> FSDP2 (any size)
   microadam-ckpt convert runs/demo/ckpt/microadam OUT --to deepspeed
-  microadam-ckpt reshard ckpts OUT --world-size 8           # DeepSpeed at 8 ranks
+  microadam-ckpt reshard ckpts OUT --world-size 8           # DeepSpeed's own layout at 8 ranks
   microadam-ckpt export-adam OUT adamw/                     # dense AdamW moments from the window
 """
 
@@ -156,9 +156,11 @@ def reshard(ckpt: Path = typer.Argument(..., help="source checkpoint"),
             quiet: bool = typer.Option(False, "--quiet")):
     """Prepare a checkpoint for WORLD_SIZE ranks of the same engine.
 
-    MicroAdam's state is cut per rank at load time from the world-size-free form, so the output is
-    that form: a DCP checkpoint stays DCP; a DeepSpeed or canonical one becomes canonical, which
-    deepspeed_zero.load_checkpoint cuts for any world size and ZeRO stage."""
+    A DeepSpeed checkpoint becomes DeepSpeed's own layout at WORLD_SIZE ranks (latest, global_stepN/,
+    per-rank files, written by DeepSpeed in WORLD_SIZE CPU processes; files beside it such as a
+    Trainer's trainer_state.json and RNG states are copied): engine.load_checkpoint and the Trainer's
+    resume_from_checkpoint load it. A DCP checkpoint stays DCP (FSDP2 reshards it at load); a
+    canonical one stays canonical (world-size free)."""
     c = _open(ckpt)
     _write(c, out, Target.dcp if c.kind == "dcp" else Target.deepspeed, world_size, overwrite, shard_size, quiet)
 
@@ -176,6 +178,17 @@ def export_adam_command(ckpt: Path = typer.Argument(..., help="source checkpoint
         _fail(e)
     typer.echo(f"wrote {out / 'adamw_state.pt'}: torch.optim.AdamW.load_state_dict format ({len(c.params)} "
                "parameters, numbered in the order of param_names)")
+    if c.kind == "deepspeed":
+        from .ds_native import reshard_deepspeed
+
+        started = time.perf_counter()
+        try:
+            reshard_deepspeed(ckpt, out, world_size, overwrite=overwrite)
+        except CheckpointError as e:
+            _fail(e)
+        typer.echo(f"wrote {out} (DeepSpeed at {world_size} ranks, {time.perf_counter() - started:.1f} s); "
+                   "engine.load_checkpoint(DIR) or the Trainer's resume_from_checkpoint loads it")
+        return
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,9 +24,11 @@ MicroAdam steps the whole parameters, and its checkpoints are the canonical row 
 
 Checkpoints: ``engine.save_checkpoint`` / ``engine.load_checkpoint`` at the same world size resume
 bitwise (each rank saves its partition's state with a description of its layout, checked on
-load). At another data-parallel size, or through a universal checkpoint, ``engine.load_checkpoint``
-stops with :class:`MicroAdamCheckpointError`; :func:`load_checkpoint` loads any MicroAdam
-checkpoint (DeepSpeed at any size or stage, FSDP2 DCP, canonical) into any layout.
+load). At another data-parallel size, layout or ZeRO stage, ``engine.load_checkpoint`` (what the
+HF Trainer's ``resume_from_checkpoint`` calls) reads the checkpoint parameter by parameter and cuts
+it for this run, with DeepSpeed's LR scheduler, step counters and client state; universal
+checkpoints stop with :class:`MicroAdamCheckpointError`. :func:`load_checkpoint` also loads FSDP2
+DCP and canonical checkpoints into any layout.
 """
 
 from __future__ import annotations
@@ -60,10 +62,11 @@ class MicroAdamCheckpointError(RuntimeError):
 
 def _reshard_hint(what: str) -> str:
     return (f"{what}. MicroAdam's ZeRO checkpoints hold each rank's partition of the optimizer state, "
-            "which engine.load_checkpoint restores only at the data-parallel size and partitioning they "
-            "were saved with; load it with microadam_dist.deepspeed_zero.load_checkpoint(engine, DIR), "
-            "which rebuilds the world-size-free state and cuts it for this run (any world size, any ZeRO "
-            f"stage), or convert it first with `{CONVERSION_TOOL}`")
+            "which the ZeRO optimizer's own load_state_dict restores only at the data-parallel size and "
+            "partitioning they were saved with; load it with engine.load_checkpoint(DIR) on an engine whose "
+            "MicroAdam is attached (the JSON config or microadam_dist.deepspeed_zero.initialize/attach) or "
+            "microadam_dist.deepspeed_zero.load_checkpoint(engine, DIR), which rebuild the world-size-free "
+            f"state and cut it for this run (any world size, any ZeRO stage), or convert it with `{CONVERSION_TOOL}`")
 
 
 # ---- which DeepSpeed optimizer wraps ours ---------------------------------------------------------
@@ -465,33 +468,132 @@ def register_with_torch_optim() -> None:
         raise RuntimeError(f"torch.optim.MicroAdam is already {existing!r}, not microadam_dist's")
 
 
-# ---- checkpoint loads at another world size -------------------------------------------------------
-def _guard_checkpoint_loads(engine) -> None:
-    """Refuse ZeRO loads DeepSpeed would refuse with an Adam-specific message, or run wrongly.
+# ---- checkpoint loads at any world size -------------------------------------------------------------
+#: what DeepSpeed's _load_checkpoint keeps out of the client state it returns
+_DEEPSPEED_STATES = ("module", "skipped_steps", "global_steps", "dp_world_size", "mp_world_size", "data_sampler",
+                     "random_ltd")
 
-    Wraps the engine's ``_load_zero_checkpoint`` (instance attribute): at another data-parallel size,
-    or from a universal checkpoint (whose tools know only Adam's ``exp_avg``/``exp_avg_sq``), it raises
-    :class:`MicroAdamCheckpointError` naming the conversion tool. The adapter's own layout check on
-    ``load_state_dict`` remains the safety net for any other path.
+
+def _guard_checkpoint_loads(engine) -> None:
+    """Let ``engine.load_checkpoint`` (what the HF Trainer and Accelerate call) resume any MicroAdam
+    ZeRO checkpoint, saved at any data-parallel size or ZeRO stage.
+
+    Wraps the engine's ``load_checkpoint`` (instance attribute). Each rank checks that the checkpoint
+    was saved at this size with its own partition layout; one collective makes every rank take the
+    same branch: DeepSpeed's own load (bitwise) when all match, else :func:`_load_resharded` (the
+    state read parameter by parameter and cut for this run, DeepSpeed's extras from its model-states
+    file). Universal checkpoints, whose tools know only Adam's state, are refused.
     """
-    original = getattr(engine, "_load_zero_checkpoint", None)
+    original = getattr(engine, "load_checkpoint", None)
     if original is None or getattr(original, "_microadam_guard", False):
         return
 
-    def guarded(load_dir, tag, load_optimizer_states=True, **kwargs):
-        if load_optimizer_states:
-            if getattr(engine, "load_universal_checkpoint", lambda: False)():
-                raise MicroAdamCheckpointError(_reshard_hint(
-                    "DeepSpeed universal checkpoints know only Adam's state (exp_avg, exp_avg_sq), not MicroAdam's"))
-            saved = getattr(engine, "loaded_checkpoint_dp_world_size", None)
-            current = getattr(engine, "seq_dp_world_size", None)
-            if saved is not None and current is not None and saved != current:
-                raise MicroAdamCheckpointError(_reshard_hint(
-                    f"the checkpoint {load_dir}/{tag} was saved at data-parallel size {saved}, this run has {current}"))
-        return original(load_dir, tag, load_optimizer_states=load_optimizer_states, **kwargs)
+    def load_checkpoint(load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        args = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+                    load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
+                    custom_load_fn=custom_load_fn)
+        if getattr(engine, "load_universal_checkpoint", lambda: False)():
+            raise MicroAdamCheckpointError(_reshard_hint(
+                "DeepSpeed universal checkpoints know only Adam's state (exp_avg, exp_avg_sq), not MicroAdam's"))
+        if tag is None and os.path.isfile(os.path.join(load_dir, "latest")):
+            with open(os.path.join(load_dir, "latest")) as f:
+                tag = f.read().strip()
+        native = tag is None or custom_load_fn is not None or _native_load_fits(engine, os.path.join(load_dir, str(tag)))
+        engine.microadam_last_load = "native" if all(_everyone(native)) else "resharded"  # for logs and tests
+        if engine.microadam_last_load == "native":
+            return original(load_dir, tag, **args)
+        return _load_resharded(engine, os.path.join(load_dir, str(tag)), **args)
 
-    guarded._microadam_guard = True
-    engine._load_zero_checkpoint = guarded
+    load_checkpoint._microadam_guard = True
+    engine.load_checkpoint = load_checkpoint
+
+
+def _everyone(value) -> list:
+    """Every rank's ``value`` (one collective), so that all ranks take the same branch."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)  # picks the device the default group's backend needs
+    return out
+
+
+def _native_load_fits(engine, tag_dir) -> bool:
+    """Whether DeepSpeed's own load fits this rank: the checkpoint holds MicroAdam partitions saved
+    at this data-parallel size with exactly this rank's layout (or is nothing this module knows,
+    which DeepSpeed and the adapter's own check then handle)."""
+    from .checkpoint import _RANK_FILE, CheckpointError, DeepSpeedCheckpoint
+
+    opt = engine.basic_optimizer
+    adapter = opt.engine_adapter if isinstance(opt, MicroAdam) else None
+    if not isinstance(adapter, ZeroAdapter) or adapter._resolve(opt) is None or not os.path.isdir(tag_dir):
+        return True  # stage 0 (world-size-free state) or not a checkpoint: DeepSpeed's own path
+    files = {int(m.group(1)): f for f in os.listdir(tag_dir) if (m := _RANK_FILE.match(f))}
+    if not files:
+        return True
+    if adapter.kind == "zero3":  # its param_groups hold the partitions only while it saves: list them as then
+        zero = adapter.zero
+        subs = sorted(range(len(zero.fp32_partitioned_groups_flat)), key=lambda i: zero.sub_group_to_group_id[i])
+        parts = [adapter.partitions[id(zero.fp32_partitioned_groups_flat[i])] for i in subs]
+    else:
+        parts = [part for _, part, _ in adapter._indexed(opt)]
+    if not parts or None in parts:
+        return True
+    mine = dict(enumerate(parts))
+    rank = parts[0].rank
+    if len(files) != parts[0].world or rank not in files:
+        return False
+    try:
+        _, layout, _ = DeepSpeedCheckpoint._load_rank_file(os.path.join(tag_dir, files[rank]))
+    except CheckpointError:
+        return True  # another optimizer's file: the adapter refuses it with its own message
+    return _layout_matches(mine, layout["partitions"])
+
+
+def _layout_matches(mine: dict, saved: dict) -> bool:
+    if set(mine) != {int(i) for i in saved}:
+        return False
+    for index, info in saved.items():
+        part = mine[int(index)]
+        if info["world_size"] != part.world or info["rank"] != part.rank or \
+                [tuple(map(_tuple, d)) for d in info["pieces"]] != [tuple(map(_tuple, d)) for d in part.describe()]:
+            return False
+    return True
+
+
+def _load_resharded(engine, tag_dir, *, load_module_strict=True, load_optimizer_states=True,
+                    load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+    """``engine.load_checkpoint`` for a MicroAdam ZeRO checkpoint of another size or layout: weights,
+    fp32 masters and MicroAdam state through :func:`load_canonical`, then what DeepSpeed's own load
+    restores from the model-states file (LR scheduler, step counters) and its client state."""
+    from pathlib import Path
+
+    from .checkpoint import CheckpointError, DeepSpeedCheckpoint
+
+    ckpt = DeepSpeedCheckpoint(Path(tag_dir))
+    models = sorted(Path(tag_dir).glob("*model_states.pt"))  # ZeRO-3 writes one per rank: rank 0's is read
+    if not models:
+        raise CheckpointError(f"{tag_dir} has no *model_states.pt: the DeepSpeed checkpoint is incomplete")
+    saved = torch.load(models[0], map_location="cpu", weights_only=False)
+    states = load_optimizer_states and not load_module_only
+    load_canonical(engine, ckpt, load_state=states)
+    deepspeed_states = ["module"]
+    if not load_module_only:
+        if states:  # the hyperparameters the schedulers set: the first resumed step uses them
+            for group, saved_group in zip(engine.basic_optimizer.param_groups, ckpt.groups):
+                group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved_group.items()
+                              if k in ("lr", "betas", "eps", "weight_decay") and v is not None})
+        if load_lr_scheduler_states and engine.lr_scheduler is not None and saved.get("lr_scheduler") is not None:
+            engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        engine.global_steps = saved["global_steps"]
+        engine.global_samples = saved.get("global_samples", engine.global_steps * engine.train_batch_size())
+        engine.skipped_steps = saved["skipped_steps"]
+        deepspeed_states = list(_DEEPSPEED_STATES)
+    if load_lr_scheduler_states:
+        deepspeed_states.append("lr_scheduler")
+    if load_optimizer_states:
+        deepspeed_states.append("optimizer")
+    return str(models[0]), {k: v for k, v in saved.items() if k not in deepspeed_states}
 
 
 # ---- user entry points ----------------------------------------------------------------------------
@@ -624,38 +726,41 @@ def load_checkpoint(engine, path, *, progress: bool = False):
     """Resume ``engine`` from any MicroAdam checkpoint: DeepSpeed's own at any world size or stage,
     a canonical directory (``microadam-ckpt convert``) or an FSDP2 DCP checkpoint.
 
-    A DeepSpeed checkpoint saved at this very layout goes through ``engine.load_checkpoint``
-    (bitwise, with the engine's own extras). Anything else is read parameter by parameter
-    (``checkpoint.open_checkpoint``) and cut for this run: the module's weights, DeepSpeed's fp32
-    master partitions and MicroAdam's state, then ``engine.global_steps`` from the checkpoint's
-    step. Returns the opened checkpoint (None for the native path).
+    A DeepSpeed checkpoint goes through ``engine.load_checkpoint`` (DeepSpeed's own load when every
+    rank's layout matches, else resharded; with the LR scheduler and step counters either way).
+    Anything else is read parameter by parameter (``checkpoint.open_checkpoint``) and cut for this
+    run: the module's weights, DeepSpeed's fp32 master partitions and MicroAdam's state, then
+    ``engine.global_steps`` from the checkpoint's step. Returns the opened checkpoint (None for a
+    DeepSpeed one). Every rank must call it; all take the same branch.
     """
-    from .checkpoint import DeepSpeedCheckpoint, open_checkpoint
+    from .checkpoint import CheckpointError, DeepSpeedCheckpoint, open_checkpoint
 
-    ckpt = open_checkpoint(path)
-    if isinstance(ckpt, DeepSpeedCheckpoint) and ckpt.world_size == dist.get_world_size() \
-            and _same_layout(engine, ckpt):
-        engine.load_checkpoint(str(path))
+    try:
+        ckpt, local = open_checkpoint(path), None
+    except CheckpointError as e:
+        ckpt, local = None, str(e)
+    everyone = _everyone((local, isinstance(ckpt, DeepSpeedCheckpoint)))
+    failed = [(rank, error) for rank, (error, _) in enumerate(everyone) if error is not None]
+    if failed:  # on every rank, so none is left waiting in a collective
+        raise CheckpointError("; ".join(f"rank {rank}: {error}" for rank, error in failed))
+    if all(is_ds for _, is_ds in everyone):
+        _guard_checkpoint_loads(engine)
+        path = os.fspath(path)
+        if os.path.isfile(os.path.join(path, "latest")):
+            engine.load_checkpoint(path)
+        else:  # the tag directory itself
+            engine.load_checkpoint(os.path.dirname(os.path.abspath(path)), tag=os.path.basename(os.path.abspath(path)))
         return None
     load_canonical(engine, ckpt, progress=progress)
     return ckpt
 
 
-def _same_layout(engine, ckpt) -> bool:
-    opt = engine.basic_optimizer
-    adapter = opt.engine_adapter if isinstance(opt, MicroAdam) else None
-    if not isinstance(adapter, ZeroAdapter) or adapter._resolve(opt) is None:
-        return False
-    mine = {i: [tuple(map(_tuple, d)) for d in part.describe()] for i, part, _ in adapter._indexed(opt) if part}
-    saved = ckpt._layouts[dist.get_rank()]
-    return mine == {int(i): [tuple(map(_tuple, d)) for d in info["pieces"]] for i, info in saved.items()}
-
-
-def load_canonical(engine, ckpt, *, progress: bool = False) -> None:
+def load_canonical(engine, ckpt, *, progress: bool = False, load_state: bool = True) -> None:
     """Load an opened checkpoint (``checkpoint.Checkpoint``) into a ZeRO-1/2/3 engine at any world size.
 
     Every rank reads the parameters its partitions hold (one at a time) and refuses another
-    model or MicroAdam geometry before changing anything.
+    model or MicroAdam geometry before changing anything. ``load_state=False``: the weights only
+    (MicroAdam starts afresh).
     """
     from .checkpoint import CheckpointError, canonical_parameter, check_compatible
     from .functional import from_row_form
@@ -685,7 +790,7 @@ def load_canonical(engine, ckpt, *, progress: bool = False) -> None:
     for name in shapes if adapter.kind != "zero3" else sorted(set(groups)):
         weight, st = canonical_parameter(ckpt, name)
         if name in groups:
-            values[name] = (weight, st)
+            values[name] = (weight, st if load_state else None)
     zero = adapter.zero
     with torch.no_grad():
         for group, parts in _groups_of(opt, adapter):

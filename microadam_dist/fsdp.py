@@ -9,6 +9,11 @@ For ``torch.distributed.checkpoint`` the state is exported in the canonical *row
 parameter for 2-D+ parameters, so DCP saves each row's state once and reshards it natively; and
 gathered and replicated for 1-D parameters (their blocks are owned by the rank holding their
 first element, which is not how DTensor cuts a dimension; 1-D parameters are small).
+
+The window indices are exported as int32 (their int16 values, widened): full state dicts
+(``StateDictOptions(full_state_dict=True)``) all-gather, scatter and broadcast every DTensor, and
+neither gloo nor NCCL has int16 collectives. Import narrows them back, so DCP checkpoints written
+with int16 indices (before this) load as well.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .functional import from_row_form, to_row_form
+from .functional import STATE_DTYPES, from_row_form, to_row_form
 from .geometry import Geometry
 from .sharded import Segment
 
@@ -71,11 +76,32 @@ def _rows_sharded(p: DTensor) -> bool:
     return p.dim() >= 2 and shard_mesh_dim(p) is not None
 
 
+#: the dtype window indices are exported in (a collective-friendly one; see the module docstring)
+EXPORT_INDEX_DTYPE = torch.int32
+
+
+def _widen(rows: dict) -> dict:
+    return {**rows, "window_idx": rows["window_idx"].to(EXPORT_INDEX_DTYPE)}
+
+
+def narrow_saved(st: dict) -> dict:
+    """Saved row-form state with exported (int32) window indices narrowed to the state's int16."""
+    idx = st.get("window_idx") if isinstance(st, dict) else None
+    if isinstance(idx, torch.Tensor) and idx.dtype == EXPORT_INDEX_DTYPE:
+        local = idx.to_local() if is_dtensor(idx) else idx
+        info = torch.iinfo(STATE_DTYPES["window_idx"])
+        if local.numel() and (int(local.min()) < info.min or int(local.max()) > info.max):
+            raise ValueError(f"window indices out of the int16 range ({int(local.min())}..{int(local.max())}): "
+                             "the saved state is damaged")
+        return {**st, "window_idx": idx.to(STATE_DTYPES["window_idx"])}  # elementwise: no collective
+    return st
+
+
 def export_state(p: DTensor, state: dict, geometry: Geometry, window_size: int) -> dict:
     """The canonical row form of a DTensor parameter's state, as DTensors DCP can place."""
     mesh, mesh_dim = p.device_mesh, shard_mesh_dim(p)
     if _rows_sharded(p):
-        local = to_row_form(state, geometry, window_size, rows=p.to_local().shape[0])
+        local = _widen(to_row_form(state, geometry, window_size, rows=p.to_local().shape[0]))
         out = {"step": state["step"]}
         for key, value in local.items():
             if key == "step":
@@ -95,7 +121,7 @@ def export_state(p: DTensor, state: dict, geometry: Geometry, window_size: int) 
         for key, value in state.items():
             if key != "step":
                 full[key] = _gather_cat(value, dim=1 if key.startswith("window") else 0, group=pg)
-    rows = to_row_form(full, geometry, window_size, rows=geometry.rows)
+    rows = _widen(to_row_form(full, geometry, window_size, rows=geometry.rows))
     return {key: value if key == "step" else
             DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
             for key, value in rows.items()}
@@ -104,7 +130,7 @@ def export_state(p: DTensor, state: dict, geometry: Geometry, window_size: int) 
 def import_state(p: DTensor, saved: dict, geometry: Geometry, window_size: int) -> dict:
     """Internal (flat, local) state of a DTensor parameter from its saved row form."""
     values = {}
-    for key, value in saved.items():
+    for key, value in narrow_saved(saved).items():
         if isinstance(value, DTensor):
             value = value.to_local() if _rows_sharded(p) else value.full_tensor()
         values[key] = value

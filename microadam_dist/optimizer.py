@@ -377,7 +377,7 @@ class MicroAdam(torch.optim.Optimizer):
             if pid not in id_to_param:
                 raise ValueError(f"the state_dict has state for unknown parameter id {pid!r}")
             p, group = id_to_param[pid]
-            self._check_saved_state(pid, p, group, st)
+            self._check_saved_state(pid, p, group, fsdp.narrow_saved(st) if fsdp.is_dtensor(p) else st)
         imported = {}
         for pid, st in state_dict["state"].items():
             p, group = id_to_param[pid]
