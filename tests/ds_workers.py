@@ -302,3 +302,36 @@ def load_elsewhere_worker(rank, world, cases, out_dir):
             results[label, "direct"] = _error(lambda: engine.optimizer.load_state_dict(
                 [saved], load_optimizer_states=True, load_from_fp32_weights=True))
     torch.save(results, f"{out_dir}/elsewhere_rank{rank}.pt")
+
+
+def disagreeing_layout_worker(rank, world, out_dir):
+    """Save a ZeRO-2 checkpoint, then make only rank 1's layout description differ from its run
+    (the same pieces listed in another order, which every reader still accepts), and resume
+    through deepspeed_zero.load_checkpoint: rank 0 alone would take DeepSpeed's own load, rank 1
+    the resharded one; the ranks must agree on one. Records the branch taken and both runs."""
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import microadam_dist.deepspeed_zero as dz
+
+    batches = train_batches(world)
+    cfg = config_from_file("ds_zero2.json")
+    engine = _engine(make_gpt(), cfg, "json")
+    _train_steps(engine, rank, batches[:CKPT_STEPS])
+    engine.save_checkpoint(f"{out_dir}/ckpt", tag="t")
+    cont = _train_steps(engine, rank, batches[CKPT_STEPS:])
+    params_cont = full_fp32_params(engine)
+    dist.barrier()
+    if rank == 0:
+        path = Path(out_dir, "ckpt", "t", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+        for info in sd["optimizer_state_dict"]["base_optimizer_state"][dz.LAYOUT_KEY]["partitions"].values():
+            assert len(info["pieces"]) > 1
+            info["pieces"], info["names"] = info["pieces"][::-1], info["names"][::-1]
+        torch.save(sd, path)
+    dist.barrier()
+    engine2 = _engine(make_gpt(), cfg, "json")
+    dz.load_checkpoint(engine2, f"{out_dir}/ckpt")
+    resumed = _train_steps(engine2, rank, batches[CKPT_STEPS:])
+    torch.save({"load": engine2.microadam_last_load, "cont": cont, "resumed": resumed, "params_cont": params_cont,
+                "params_resumed": full_fp32_params(engine2)}, f"{out_dir}/disagree_rank{rank}.pt")

@@ -219,3 +219,17 @@ def test_nonfinite_gradient_never_reaches_the_state(tmp_path, stage, world):
     assert got["deepspeed_skipped_steps"] == 1 and got["skips"] == 0
     assert all(bool(torch.isfinite(w).all()) for w in got["params"].values())
     assert_equal_to(got, P.reference_without_the_nan_step(), f"ZeRO-{stage} at {world} with a NaN gradient")
+
+
+@pytest.mark.timeout(120)
+def test_ranks_whose_layouts_disagree_take_the_same_load_branch(tmp_path):
+    """Only rank 1's saved layout differs from its run: one collective makes both ranks take the
+    resharded load (before, rank 0 went into DeepSpeed's load and rank 1 into the resharded one:
+    mismatched collectives, a hang). The resumed run equals the uninterrupted one bitwise."""
+    run_workers(W.disagreeing_layout_worker, 2, str(tmp_path))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"disagree_rank{rank}.pt", weights_only=False)
+        assert got["load"] == "resharded", rank
+        assert got["resumed"] == got["cont"], rank
+        for a, b in zip(got["params_resumed"], got["params_cont"]):
+            assert torch.equal(a, b), rank

@@ -3,11 +3,11 @@
 * Trainer + DeepSpeed ZeRO-2 from the shipped configs/hf_ds_zero2.json ("auto" values): saved at 2
   ranks, resumed with resume_from_checkpoint at 1 rank (engine.load_checkpoint reshards), and from
   `microadam-ckpt reshard --world-size 1` output (DeepSpeed's own load);
-* Trainer + FSDP2 with FULL_STATE_DICT (the default): saved at 2 ranks, resumed at 2 and at 1;
+* Trainer + FSDP2 with FULL_STATE_DICT (the default): saved at 2 ranks, resumed at 1;
 * torch's FSDP2 full state dicts (with and without cpu_offload), loaded back.
 
 Each resume is compared with the uninterrupted run: its losses and final weights (Trainer.save_model).
-At the same world size they are bitwise equal. At another world size each rank's loss is its share
+(At the same world size resumes are bitwise: test_deepspeed.py, test_fsdp.py.) At another world size each rank's loss is its share
 of the global mean (transformers divides by the tokens of the whole global batch), so the 1-rank
 loss is the sum of the 2 ranks'; the gradient is then reduced in another order (a few fp32 ulps),
 hence a relative tolerance of 1e-5 (measured: losses 1e-7, weights bitwise equal).
@@ -100,14 +100,10 @@ def test_trainer_deepspeed_zero2_resumes_at_another_world_size_and_from_reshard(
 
 
 @pytest.mark.timeout(300)
-def test_trainer_fsdp2_full_state_dict_resumes_at_any_world_size(tmp_path):
+def test_trainer_fsdp2_full_state_dict_resumes_at_another_world_size(tmp_path):
     losses, weights = _uninterrupted(tmp_path, "fsdp")
     saved = tmp_path / "full" / "0" / "run" / f"checkpoint-{H.SAVE_AT}"
     assert (saved / "optimizer.pt").is_file()  # FULL_STATE_DICT: one file of the full optimizer state
-    run_workers(H.trainer_run, 2, "fsdp", str(tmp_path / "at2"), [str(saved)])
-    for rank, runs in enumerate(_losses(tmp_path / "at2", 2)):
-        assert runs[0]["losses"] == losses[rank][H.SAVE_AT:], rank  # bitwise
-    _assert_weights(_weights(tmp_path / "at2" / "0" / "final"), weights, 0, "2 ranks")
     run_workers(H.trainer_run, 1, "fsdp", str(tmp_path / "at1"), [str(saved)])
     _assert_losses(_losses(tmp_path / "at1", 1)[0][0]["losses"], [a + b for a, b in zip(*losses)][H.SAVE_AT:],
                    REL, "1 rank")
