@@ -32,6 +32,9 @@ from microadam_dist.functional import StepConfig, bias_corrections, window_weigh
 from microadam_dist.geometry import Geometry
 from microadam_dist.kernels.densify import densify_triton_
 
+# top-k fast path: the bound is the k-th largest of this many group maxima, and at most this many
+# candidates (entries >= the bound) are ranked pairwise; blocks with more take the radix search
+TOPK_GROUPS, TOPK_CANDIDATES = 128, 64
 MAX_WINDOW_ENTRIES = 8192  # window_size * k per block the update kernel handles
 # no fused multiply-adds: the GPU compiler would otherwise round lo + code * u once, not twice
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
@@ -50,11 +53,98 @@ def _f32_to_bf16_bits(x):
 
 
 @triton.jit
+def _second(x, y):
+    """Combine of an identity scan (associative: second(second(x, y), z) = z = second(x, second(y, z)))."""
+    return y
+
+
+@triton.jit
+def _row_major_cumsum(x):
+    """Inclusive cumsum of a [rows, cols] tensor in row-major (element) order."""
+    row_total = tl.sum(x, axis=1)
+    return tl.cumsum(x, axis=1) + (tl.cumsum(row_total, axis=0) - row_total)[:, None]
+
+
+@triton.jit
+def _select_radix(mag, a, offs, k, idx_ptr, val_ptr, k0):
+    """Top k of a whole block: the k-th largest |a| by a radix search, 2 bits per round with the
+    three candidate counts packed in one int64 sum; then every entry above it and the first ties
+    are compacted in index order. Returns the chosen mask."""
+    thr = 0
+    for shift in tl.static_range(29, 0, -2):  # bits 30..1; bit 31 of |a| is 0
+        c1 = thr | (1 << shift)
+        c2 = thr | (2 << shift)
+        c3 = thr | (3 << shift)
+        packed = ((mag >= c1).to(tl.int64) | ((mag >= c2).to(tl.int64) << 16)
+                  | ((mag >= c3).to(tl.int64) << 32))
+        counts = tl.sum(tl.sum(packed, axis=1), axis=0)  # each count <= 32768 fits its 16 bits
+        thr = tl.where((counts >> 32) >= k, c3,
+                       tl.where(((counts >> 16) & 0xFFFF) >= k, c2,
+                                tl.where((counts & 0xFFFF) >= k, c1, thr)))
+    c1 = thr | 1
+    thr = tl.where(tl.sum(tl.sum((mag >= c1).to(tl.int32), axis=1), axis=0) >= k, c1, thr)
+    above = mag > thr
+    ties = mag == thr
+    need = k - tl.sum(tl.sum(above.to(tl.int32), axis=1), axis=0)  # 1 <= need <= number of ties
+    # one scan counts both: entries above (< k <= 32768, 15 bits) and ties (<= 32768) before each
+    ranks = _row_major_cumsum(above.to(tl.int32) | (ties.to(tl.int32) << 15))
+    tie_rank = ranks >> 15
+    chosen = above | (ties & (tie_rank <= need))
+    pos = (ranks & 0x7FFF) + tl.minimum(tie_rank, need) - 1
+    tl.store(idx_ptr + k0 + pos, offs.to(tl.int16), mask=chosen)
+    tl.store(val_ptr + k0 + pos, _f32_to_bf16_bits(a), mask=chosen)
+    return chosen
+
+
+@triton.jit
+def _select_candidates(cand, mag, offs, inside, k, count, grad_ptr, codes_ptr, stats_ptr, idx_ptr, val_ptr,
+                       e0, k0, c0, q0, CAND: tl.constexpr, QB: tl.constexpr, GRAD_BF16: tl.constexpr):
+    """Top k among count <= CAND candidates (a superset of it), CAND <= 2k: their indices are
+    compacted into this block's ring slot (indices, then values as scratch), read back as one
+    [CAND] tensor, their a recomputed exactly as in step 1, ranked pairwise by the unique key
+    (|a| desc, index asc); the k-th key is the threshold of the whole block. Returns the chosen mask."""
+    where = _row_major_cumsum(cand.to(tl.int32)) - 1
+    spill = where >= k  # candidates past the k index slots go into the value slots
+    scratch = tl.where(spill, val_ptr + k0 + (where - k), idx_ptr + k0 + where)
+    tl.store(scratch, offs.to(tl.int16), mask=cand)
+    tl.debug_barrier()  # every candidate is written before any warp reads them back
+    s = tl.arange(0, CAND)
+    ok = s < count
+    ce = tl.load(tl.where(s >= k, val_ptr + k0 + (s - k), idx_ptr + k0 + s), mask=ok, other=0).to(tl.int32)
+    tl.debug_barrier()  # every warp has read them before the slot is written
+    # a of each candidate, by the operations of step 1 (bitwise the same value)
+    if GRAD_BF16:
+        cg = _bf16_bits_to_f32(tl.load(grad_ptr + e0 + ce, mask=ok, other=0))
+    else:
+        cg = tl.load(grad_ptr + e0 + ce, mask=ok, other=0.0)
+    ccode = (tl.load(codes_ptr + c0 + ce // 2, mask=ok, other=0).to(tl.int32) >> ((ce % 2) * 4)) & 0xF
+    clo = tl.load(stats_ptr + 2 * (q0 + ce // QB), mask=ok, other=0.0)
+    chi = tl.load(stats_ptr + 2 * (q0 + ce // QB) + 1, mask=ok, other=0.0)
+    ca = cg + (clo + ccode.to(tl.float32) * tl.div_rn(chi - clo, 15.0))
+    # an identity scan pins cm's layout: without it the compiler recomputes the loads and the
+    # division above for each of the 32 rows a thread holds on the t side of the comparison
+    cm = tl.associative_scan(tl.where(ok, tl.abs(ca).to(tl.int32, bitcast=True), -1), 0, _second)
+    # slots are in index order, so t beats s iff cm_t > cm_s or (cm_t == cm_s and t < s), i.e.
+    # cm_t > cm_s - (t < s) (no overflow: cm >= -1; an empty slot's -1 beats no candidate);
+    # t runs along axis 0, which a thread mostly holds itself (few shuffles)
+    rank = tl.sum((cm[:, None] > cm[None, :] - (s[:, None] < s[None, :]).to(tl.int32)).to(tl.int32), axis=0)
+    top = ok & (rank < k)
+    pos = tl.cumsum(top.to(tl.int32), axis=0) - 1  # the chosen in index order
+    tl.store(idx_ptr + k0 + pos, ce.to(tl.int16), mask=top)
+    tl.store(val_ptr + k0 + pos, _f32_to_bf16_bits(ca), mask=top)
+    last = ok & (rank == k - 1)  # the k-th key: every entry at or above it is chosen
+    t_mag = tl.max(tl.where(last, cm, -1), axis=0)
+    t_idx = tl.max(tl.where(last, ce, -1), axis=0)
+    return inside & ((mag > t_mag) | ((mag == t_mag) & (offs <= t_idx)))
+
+
+@triton.jit
 def _compress(
     grad_ptr, codes_ptr, stats_ptr, idx_ptr, val_ptr,
     n, k, num_cols, buckets, ef_bytes,
     elem_off, elem_row, k_off, k_row, ef_off, ef_row, q_off, q_row,
     NB: tl.constexpr, BS: tl.constexpr, QB: tl.constexpr, GRAD_BF16: tl.constexpr,
+    TOPK_FAST: tl.constexpr, G: tl.constexpr, CAND: tl.constexpr, RADIX_FALLBACK: tl.constexpr = True,
 ):
     """The block as [NB, BS]: row r holds bucket r (element r * QB + j for j < QB), so every
     per-bucket quantity is a scalar of its row (one load, one division per bucket) and a row-major
@@ -85,36 +175,23 @@ def _compress(
     a = g + (lo[:, None] + code.to(tl.float32) * u[:, None])
     a = tl.where(inside, a, 0.0)
 
-    # 2. top-k: the k-th largest |a| (as int32 bits, monotonic for |a| >= 0) by a radix search,
-    #    2 bits per round with the three candidate counts packed in one int64 sum; then every
-    #    entry above it and the first ties (smaller indices win) are compacted in index order
+    # 2. top-k (the reference's rule: largest |a|, ties to the smaller index; stored in index
+    #    order). |a| as int32 bits is monotonic for |a| >= 0, padding is -1.
     mag = tl.where(inside, tl.abs(a).to(tl.int32, bitcast=True), -1)
-    thr = 0
-    for shift in tl.static_range(29, 0, -2):  # bits 30..1; bit 31 of |a| is 0
-        c1 = thr | (1 << shift)
-        c2 = thr | (2 << shift)
-        c3 = thr | (3 << shift)
-        packed = ((mag >= c1).to(tl.int64) | ((mag >= c2).to(tl.int64) << 16)
-                  | ((mag >= c3).to(tl.int64) << 32))
-        counts = tl.sum(tl.sum(packed, axis=1), axis=0)  # each count <= 32768 fits its 16 bits
-        thr = tl.where((counts >> 32) >= k, c3,
-                       tl.where(((counts >> 16) & 0xFFFF) >= k, c2,
-                                tl.where((counts & 0xFFFF) >= k, c1, thr)))
-    c1 = thr | 1
-    thr = tl.where(tl.sum(tl.sum((mag >= c1).to(tl.int32), axis=1), axis=0) >= k, c1, thr)
-    above = mag > thr
-    ties = mag == thr
-    need = k - tl.sum(tl.sum(above.to(tl.int32), axis=1), axis=0)  # 1 <= need <= number of ties
-    # one scan counts both: entries above (< k <= 32768, 15 bits) and ties (<= 32768) before each;
-    # in element order: the scan of each row plus the totals of the rows before it
-    both = above.to(tl.int32) | (ties.to(tl.int32) << 15)
-    row_total = tl.sum(both, axis=1)
-    ranks = tl.cumsum(both, axis=1) + (tl.cumsum(row_total, axis=0) - row_total)[:, None]
-    tie_rank = ranks >> 15
-    chosen = above | (ties & (tie_rank <= need))
-    pos = (ranks & 0x7FFF) + tl.minimum(tie_rank, need) - 1
-    tl.store(idx_ptr + k0 + pos, offs.to(tl.int16), mask=chosen)
-    tl.store(val_ptr + k0 + pos, _f32_to_bf16_bits(a), mask=chosen)
+    if TOPK_FAST:
+        # bound: L = the k-th largest of G strided group maxima (flat position mod G); at least k
+        # entries are >= L, so every entry of the top k is a candidate (|a| >= L)
+        gmax = tl.sort(tl.max(tl.reshape(mag, [NB * BS // G, G]), axis=0), descending=True)
+        bound = tl.max(tl.where(tl.arange(0, G) == k - 1, gmax, -1), axis=0)
+        cand = inside & (mag >= bound)
+        count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
+        if count <= CAND or not RADIX_FALLBACK:  # RADIX_FALLBACK=False: kernel_cost.py's fast path
+            chosen = _select_candidates(cand, mag, offs, inside, k, count, grad_ptr, codes_ptr, stats_ptr,
+                                        idx_ptr, val_ptr, e0, k0, c0, q0, CAND, QB, GRAD_BF16)
+        else:
+            chosen = _select_radix(mag, a, offs, k, idx_ptr, val_ptr, k0)
+    else:
+        chosen = _select_radix(mag, a, offs, k, idx_ptr, val_ptr, k0)
     a = tl.where(chosen, 0.0, a)
 
     # 3. quantize the residual: each bucket's lo, hi and u once, as functional.quantize_4bit
@@ -324,11 +401,14 @@ def microadam_blocks_triton_(
         offsets = (piece.elem_offset, piece.elem_row_stride, piece.k_offset, piece.k_row_stride,
                    piece.ef_offset, piece.ef_row_stride, piece.bucket_offset, piece.bucket_row_stride)
         if qb % 2 == 0:  # a row of [buckets, bucket size] per bucket
+            nb, bs = triton.next_power_of_2(piece.buckets), triton.next_power_of_2(min(qb, max(n, 2)))
+            groups = min(TOPK_GROUPS, nb * bs)
+            cand = min(TOPK_CANDIDATES, 1 << (2 * k).bit_length() - 1)  # a power of two <= 2k
             _compress[grid](
                 grad_bits, state["ef_codes"], state["ef_stats"], idx_slot, val_slot,
                 n, k, piece.num_cols, piece.buckets, piece.ef_bytes, *offsets,
-                NB=triton.next_power_of_2(piece.buckets), BS=triton.next_power_of_2(min(qb, max(n, 2))), QB=qb,
-                GRAD_BF16=grad.dtype == torch.bfloat16, **LAUNCH_OPTIONS,
+                NB=nb, BS=bs, QB=qb, GRAD_BF16=grad.dtype == torch.bfloat16,
+                TOPK_FAST=k <= min(groups, cand), G=groups, CAND=cand, **LAUNCH_OPTIONS,
             )
         else:
             _compress_odd_buckets[grid](

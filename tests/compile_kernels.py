@@ -43,7 +43,9 @@ def main():
                 bucket = 16 if block == 64 else 2048  # the tests' and the default geometry
                 print(json.dumps(compile_variant(
                     tp._compress, arch, compress_ptrs,
-                    {"NB": block // bucket, "BS": bucket, "QB": bucket, "GRAD_BF16": bf16})), flush=True)
+                    {"NB": block // bucket, "BS": bucket, "QB": bucket, "GRAD_BF16": bf16,
+                     "TOPK_FAST": True, "G": min(128, block), "CAND": 64 if block > 64 else 8,
+                     "RADIX_FALLBACK": True})), flush=True)
                 for decay in (False, True):
                     print(json.dumps(compile_variant(
                         tp._update, arch,

@@ -87,6 +87,34 @@ def test_default_geometry():
     run_both((3, 5000), torch.bfloat16, 0.01, steps=2, density=0.01, block=4096, bucket=2048, window=10)
 
 
+@pytest.mark.parametrize("case", ["ties_in_candidates", "two_levels", "too_many_candidates", "hot_span"])
+def test_topk_fast_path_and_fallback(case):
+    """Default geometry (k = 41 of 4096): the top k is ranked among the candidates >= a bound when
+    there are at most 64 of them, else found by the radix search. 60 equal maxima: 60 candidates,
+    ties at the k-th value; 30 + 30 on two levels; 100 equal maxima: the fallback; a hot span of
+    300 contiguous large entries."""
+    def grads(t, n):
+        gen = torch.Generator().manual_seed(t)
+        g = torch.randn(n, generator=gen) * 0.01
+        if t > 1:
+            return g
+        rows = g.view(-1, 4096)
+        for r in rows:
+            spots = torch.randperm(4096, generator=gen)
+            if case == "ties_in_candidates":
+                r[spots[:60]] = 5.0
+            elif case == "two_levels":
+                r[spots[:30]], r[spots[30:60]] = -6.0, 5.0
+            elif case == "too_many_candidates":
+                r[spots[:100]] = 5.0
+            else:
+                r[1000:1300] = torch.randn(300, generator=gen) * 10
+        return g
+
+    run_both((2, 4096), torch.float32, 0.0, steps=2, density=0.01, block=4096, bucket=2048, window=3,
+             grads=grads)
+
+
 @pytest.mark.parametrize("block, bucket", [(60, 12), (75, 25), (64, 1), (64, 2), (64, 64)])
 def test_bucket_sizes(block, bucket):
     """Even buckets take the [buckets, bucket size] kernel (12 padded to 16 columns; the tail block
