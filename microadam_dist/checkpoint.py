@@ -5,7 +5,8 @@ fully qualified name, the fp32 weight and the optimizer state in row form
 (``functional.canonical_shapes``). On disk it is a directory:
 
     microadam-checkpoint.json   manifest: format, version, step, hyperparameters, parameters,
-                                and the size and SHA-256 of every data file (written last)
+                                the size and SHA-256 of every data file, and last the SHA-256
+                                of the manifest itself (written last)
     weights-00001.safetensors   "<name>": fp32 weights
     state-00001.safetensors     "<name>/step|window_idx|window_val|ef_codes|ef_stats"
 
@@ -17,6 +18,14 @@ state and fp32 master partition, mapped back through the layout MicroAdam saves 
 Writers: :func:`write_canonical`, :func:`write_dcp` (loadable by FSDP2 at any world size) and
 :func:`export_adam` (dense AdamW moments). Every writer builds its output in a temporary
 directory beside the target and renames it into place only when complete.
+
+Integrity: every field of a manifest is read through a schema (:func:`_record` and friends) that
+names what is missing or wrong; a version-2 manifest carries the SHA-256 of its own text, so any
+changed byte is detected. A DCP or DeepSpeed directory written by this package (``write_dcp``,
+``microadam_dist.train``) is sealed with ``microadam-digests.json`` (:func:`seal`): the size and
+SHA-256 of every file, protected the same way. Checkpoints without digests (version-1 manifests,
+DCP or DeepSpeed written by other code) are read and checked as far as their format allows, and
+``Checkpoint.unverified`` says what no digest covers.
 """
 
 from __future__ import annotations
@@ -24,11 +33,14 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import re
 import shutil
+import zipfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -42,8 +54,11 @@ from .functional import (STATE_DTYPES, StepConfig, canonical_shapes, dense_momen
 from .geometry import Geometry, geometry_for, same_geometry_setting
 
 FORMAT = "microadam-canonical"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records its own SHA-256 (version 1, without it, is still read)
 MANIFEST = "microadam-checkpoint.json"
+MANIFEST_DIGEST = "manifest_sha256"
+DIGESTS = "microadam-digests.json"  # the seal of a DCP or DeepSpeed directory written by this package
+DIGESTS_FORMAT = "microadam-digests"
 FIELDS = ("step", "window_idx", "window_val", "ef_codes", "ef_stats")
 GEOMETRY_KEYS = ("window_size", "density", "block_size", "quant_bucket_size")
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "alpha", *GEOMETRY_KEYS)
@@ -53,6 +68,172 @@ DEFAULT_SHARD_BYTES = 1 << 30
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit: the message names the problem and the fix."""
+
+
+@contextlib.contextmanager
+def _damaged(where, what: str = "the checkpoint is damaged, truncated or not one this tool knows"):
+    """Turn what reading a damaged pickle-based file (DCP, DeepSpeed) raises into a named error:
+    their unpickled contents can be anything, so every access may fail in any of these ways."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, OSError, EOFError,
+            OverflowError, MemoryError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{where}: {what} ({type(e).__name__}: {e})") from e
+
+
+# ---- self-protecting JSON and the manifest's schema -----------------------------------------------
+_ZERO_DIGEST = "0" * 64
+_HEX64 = r"[0-9a-f]{64}"
+
+
+def _sealed_json(body: dict, key: str) -> str:
+    """``body`` as JSON text whose last field ``key`` holds the SHA-256 of that same text with the
+    field's value written as 64 zeros: any changed byte, the digest's own included, is detected."""
+    text = json.dumps({**body, key: _ZERO_DIGEST}, indent=1) + "\n"
+    needle = f'"{key}": "{_ZERO_DIGEST}"'
+    assert text.count(needle) == 1
+    return text.replace(needle, f'"{key}": "{hashlib.sha256(text.encode()).hexdigest()}"')
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})}")
+    return dict(pairs)
+
+
+def _read_json(path: Path, what: str) -> tuple[dict, bytes]:
+    """(object, raw bytes) of a JSON file that must hold an object; named errors otherwise."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e}): the {what} is missing or unreadable") from e
+    try:
+        data = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): the {what} is corrupted") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object: the {what} is corrupted")
+    return data, raw
+
+
+def _check_seal(path: Path, data: dict, raw: bytes, key: str, what: str) -> None:
+    digest = data.get(key)
+    if not isinstance(digest, str) or not re.fullmatch(_HEX64, digest):
+        raise CheckpointError(f"{path} has no valid {key!r} (the SHA-256 of itself, written last): the {what} is "
+                              "corrupted or was cut short")
+    needle = f'"{key}": "{digest}"'.encode()
+    if raw.count(needle) != 1 or \
+            hashlib.sha256(raw.replace(needle, f'"{key}": "{_ZERO_DIGEST}"'.encode())).hexdigest() != digest:
+        raise CheckpointError(f"{path} was changed after it was written (its SHA-256 differs from the {key} it "
+                              f"records): the {what} is corrupted")
+
+
+class _Bad(Exception):
+    """A schema violation: where (a path into the document) and what is wrong."""
+
+
+def _integer(lo: int | None = None):
+    def check(v, where):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _Bad(f"{where} is {v!r}, expected an integer")
+        if lo is not None and v < lo:
+            raise _Bad(f"{where} is {v}, expected at least {lo}")
+        return v
+    return check
+
+
+def _number(v, where):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _Bad(f"{where} is {v!r}, expected a finite number")
+    return v
+
+
+def _string(pattern: str | None = None):
+    def check(v, where):
+        if not isinstance(v, str) or (pattern is not None and not re.fullmatch(pattern, v)):
+            raise _Bad(f"{where} is {v!r}, expected a string" + (f" matching {pattern}" if pattern else ""))
+        return v
+    return check
+
+
+def _optional(spec):
+    return lambda v, where: None if v is None else spec(v, where)
+
+
+def _list_of(spec, length: int | None = None):
+    def check(v, where):
+        if not isinstance(v, list) or (length is not None and len(v) != length):
+            raise _Bad(f"{where} is {v!r}, expected a list" + (f" of {length}" if length is not None else ""))
+        return [spec(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    return check
+
+
+def _record(required: dict, optional: dict | None = None):
+    """An object with exactly these keys (``optional`` ones may be absent); unknown keys are refused,
+    so a damaged key name ("beTas") is reported, not skipped."""
+    optional = optional or {}
+
+    def check(v, where):
+        if not isinstance(v, dict):
+            raise _Bad(f"{where} is {v!r}, expected an object")
+        missing = [k for k in required if k not in v]
+        if missing:
+            raise _Bad(f"{where} has no {missing[0]!r}")
+        unknown = [k for k in v if k not in required and k not in optional]
+        if unknown:
+            raise _Bad(f"{where} has an unexpected key {unknown[0]!r}")
+        return {k: (required.get(k) or optional[k])(x, f"{where}.{k}") for k, x in v.items()}
+    return check
+
+
+def _mapping(value_spec, key_pattern: str = r".+"):
+    def check(v, where):
+        if not isinstance(v, dict):
+            raise _Bad(f"{where} is {v!r}, expected an object")
+        for k in v:
+            if not re.fullmatch(key_pattern, k):
+                raise _Bad(f"{where} has a key {k!r} that is not a valid name ({key_pattern})")
+        return {k: value_spec(x, f"{where}[{k!r}]") for k, x in v.items()}
+    return check
+
+
+def _hyperparameters(v, where):
+    """A parameter group: MicroAdam's hyperparameters, checked by the optimizer's own rules."""
+    from .optimizer import validate_hyperparameters
+
+    base = ("lr", "betas", "eps", "weight_decay", *GEOMETRY_KEYS)
+    group = _record({"lr": _number, "betas": _list_of(_number, 2), "eps": _number, "weight_decay": _number,
+                     "window_size": _integer(1), "density": _number, "block_size": _integer(1),
+                     "quant_bucket_size": _integer(1)},
+                    {k: _number for k in (*HYPER_KEYS, "alpha") if k not in base})(v, where)
+    try:
+        validate_hyperparameters(group)
+    except (ValueError, KeyError) as e:
+        raise _Bad(f"{where}: {e}") from e
+    return group
+
+
+_FILE_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors"  # a plain name inside the directory
+_MANIFEST_V1 = {
+    "format": _string(), "version": _integer(), "created": _optional(_string()),
+    "source": _optional(_record({"kind": _string(), "path": _string(), "world_size": _optional(_integer(1))})),
+    "world_size": _optional(_integer(1)), "note": _optional(_string()), "step": _optional(_integer(0)),
+    "param_groups": _list_of(_hyperparameters),
+    "params": _mapping(_record({"shape": _list_of(_integer(0)), "group": _integer(0),
+                                "files": _record({}, {"weight": _string(_FILE_NAME), "state": _string(_FILE_NAME)})})),
+    "files": _mapping(_record({"bytes": _integer(0), "sha256": _string(_HEX64)}), _FILE_NAME),
+}
+_MANIFEST_V2 = {**_MANIFEST_V1, MANIFEST_DIGEST: _string(_HEX64)}
+
+
+def _validated(path: Path, spec, value, what: str):
+    try:
+        return spec(value, what)
+    except _Bad as e:
+        raise CheckpointError(f"{path}: {e}: the file is corrupted or was written by another tool") from e
 
 
 @dataclass
@@ -83,7 +264,12 @@ class Checkpoint(abc.ABC):
         """The optimizer state of ``name`` in row form, or None before its first step."""
 
     def verify(self) -> list[str]:
-        """Deep integrity check (hashes, where the format has them); the problems found."""
+        """Deep integrity check (digests, where the checkpoint has them, else the format's own
+        checksums); the problems found."""
+        return []
+
+    def unverified(self) -> list[str]:
+        """What no digest covers (empty: ``verify`` checks every byte of every file)."""
         return []
 
     def has_weights(self) -> bool:
@@ -164,32 +350,45 @@ class CanonicalCheckpoint(Checkpoint):
     def __init__(self, path: Path):
         super().__init__(path)
         manifest_path = self.path / MANIFEST
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{manifest_path} is not valid JSON ({e}): the checkpoint is corrupted") from e
+        manifest, raw = _read_json(manifest_path, "manifest")
         if manifest.get("format") != FORMAT:
             raise CheckpointError(f"{manifest_path} is not a MicroAdam canonical manifest (format "
                                   f"{manifest.get('format')!r})")
-        if manifest.get("version") != FORMAT_VERSION:
-            raise CheckpointError(f"{manifest_path}: format version {manifest.get('version')} is not supported by "
-                                  f"this microadam_dist (version {FORMAT_VERSION}); upgrade microadam_dist")
+        version = manifest.get("version")
+        if version not in (1, FORMAT_VERSION):
+            raise CheckpointError(f"{manifest_path}: format version {version!r} is not supported by this "
+                                  f"microadam_dist (versions 1 and {FORMAT_VERSION}); upgrade microadam_dist")
+        self.sealed = version >= 2  # version 1 manifests carry no digest of themselves
+        if self.sealed:  # before the schema: a damaged manifest is reported as damaged, whatever changed
+            _check_seal(manifest_path, manifest, raw, MANIFEST_DIGEST, "manifest")
+        manifest = _validated(manifest_path, _record(_MANIFEST_V2 if self.sealed else _MANIFEST_V1), manifest,
+                              "manifest")
         self.manifest = manifest
-        self.step = manifest.get("step")
-        self.world_size = manifest.get("world_size")
-        self.groups = [dict(g) for g in manifest["param_groups"]]
-        self.params = {name: ParamEntry(name, tuple(p["shape"]), p["group"]) for name, p in manifest["params"].items()}
-        self._files = {}
+        self.step = manifest["step"]
+        self.world_size = manifest["world_size"]
+        self.groups = [{**HYPER_DEFAULTS, **{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}}
+                       for g in manifest["param_groups"]]  # keys added since a manifest was written: defaults
+        self.params = {}
+        for name, p in manifest["params"].items():
+            if p["group"] >= len(self.groups):
+                raise CheckpointError(f"{manifest_path}: parameter {name!r} is in group {p['group']}, the manifest "
+                                      f"has {len(self.groups)} groups: the manifest is corrupted")
+            for part, fname in p["files"].items():
+                if fname not in manifest["files"]:
+                    raise CheckpointError(f"{manifest_path}: the {part} of parameter {name!r} is in {fname}, which "
+                                          "the manifest does not list: the manifest is corrupted")
+            self.params[name] = ParamEntry(name, tuple(p["shape"]), p["group"])
         for fname, info in manifest["files"].items():
             fpath = self.path / fname
-            if not fpath.exists():
-                raise CheckpointError(f"{fpath} is missing: the checkpoint is incomplete")
-            size = fpath.stat().st_size
+            try:
+                size = fpath.stat().st_size
+            except FileNotFoundError:
+                raise CheckpointError(f"{fpath} is missing: the checkpoint is incomplete") from None
             if size != info["bytes"]:
                 raise CheckpointError(f"{fpath} has {size} bytes, the manifest says {info['bytes']}: the file is "
                                       "truncated or was replaced")
         self._handles: dict[str, Any] = {}
-        self._where = {name: p.get("files", {}) for name, p in manifest["params"].items()}
+        self._where = {name: p["files"] for name, p in manifest["params"].items()}
 
     def _get(self, fname: str, key: str) -> torch.Tensor:
         if fname not in self._handles:
@@ -204,7 +403,13 @@ class CanonicalCheckpoint(Checkpoint):
 
     def weight(self, name):
         fname = self._where[name].get("weight")
-        return None if fname is None else self._get(fname, name)
+        if fname is None:
+            return None
+        weight = self._get(fname, name)
+        if weight.dtype != torch.float32:
+            raise CheckpointError(f"{self.path / fname}: weight {name!r} is {weight.dtype}, canonical weights are "
+                                  "torch.float32: the file is corrupted or was written by another tool")
+        return weight
 
     def state(self, name):
         fname = self._where[name].get("state")
@@ -215,9 +420,19 @@ class CanonicalCheckpoint(Checkpoint):
     def verify(self) -> list[str]:
         problems = []
         for fname, info in self.manifest["files"].items():
-            if sha256_of(self.path / fname) != info["sha256"]:
-                problems.append(f"{fname}: SHA-256 differs from the manifest (corrupted)")
+            try:
+                if sha256_of(self.path / fname) != info["sha256"]:
+                    problems.append(f"{self.path / fname}: SHA-256 differs from the manifest (corrupted)")
+            except OSError as e:
+                problems.append(f"{self.path / fname} cannot be read ({e})")
         return problems
+
+    def unverified(self) -> list[str]:
+        if self.sealed:
+            return []
+        return [f"{self.path / MANIFEST}: unverified manifest (format version 1 records no digest of itself, so a "
+                "changed hyperparameter or name in it cannot be detected; the data files' digests are checked). "
+                "Rewrite it with `microadam-ckpt convert DIR NEW --to single` to add one"]
 
     def close(self):
         self._handles.clear()
@@ -231,6 +446,134 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+# ---- the seal of DCP and DeepSpeed directories ------------------------------------------------------
+TRAIN_META = "train_meta.json"
+_SMALL_FILE = 1 << 20  # files checked against their digest on every open (.metadata, latest, train_meta.json)
+
+
+def _relative_path(v, where):
+    parts = Path(_string()(v, where)).parts
+    if not parts or Path(v).is_absolute() or any(x in ("", ".", "..") for x in parts) or v != "/".join(parts):
+        raise _Bad(f"{where} has the file name {v!r}, which is not a plain path inside the directory")
+    return v
+
+
+_DIGESTS_SCHEMA = _record({"format": _string(), "version": _integer(),
+                           "files": _mapping(_record({"bytes": _integer(0), "sha256": _string(_HEX64)})),
+                           "digests_sha256": _string(_HEX64)})
+
+
+def seal(directory, meta: dict | None = None) -> Path:
+    """Seal a DCP or DeepSpeed directory this package wrote: ``train_meta.json`` first (``meta``,
+    when given, with a note that the directory is sealed, so a lost seal is noticed), then
+    ``microadam-digests.json``: the size and SHA-256 of every file, and last its own SHA-256."""
+    directory = Path(directory)
+    if meta is not None:
+        _write_synced(directory / TRAIN_META, json.dumps({**meta, "digests": DIGESTS}))
+    files = {}
+    for f in sorted(directory.rglob("*")):
+        if f.is_file() and f.name != DIGESTS:
+            files[f.relative_to(directory).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_of(f)}
+    body = {"format": DIGESTS_FORMAT, "version": 1, "files": files}
+    _write_synced(directory / DIGESTS, _sealed_json(body, "digests_sha256"))
+    return directory
+
+
+def _train_meta(path: Path) -> dict:
+    meta, _ = _read_json(path, "training metadata")
+    step = meta.get("step")
+    if not (step is None or (isinstance(step, int) and not isinstance(step, bool) and step >= 0)):
+        raise CheckpointError(f"{path}: step is {step!r}, expected an integer >= 0: the file is corrupted")
+    return meta
+
+
+def _read_digests(directory: Path) -> dict | None:
+    """The files a seal lists (each checked to exist with its size; the small ones by digest too), or
+    None when the directory has no seal (and its train_meta.json does not say it had one)."""
+    path = directory / DIGESTS
+    if not path.exists():
+        meta_path = directory / TRAIN_META
+        if meta_path.exists() and "digests" in _train_meta(meta_path):
+            raise CheckpointError(f"{path} is missing, but {meta_path} records that the checkpoint was sealed with "
+                                  "it: the checkpoint is damaged or incomplete")
+        return None
+    data, raw = _read_json(path, "digest file")
+    if data.get("format") != DIGESTS_FORMAT or data.get("version") != 1:
+        raise CheckpointError(f"{path} is not a microadam_dist digest file this version knows (format "
+                              f"{data.get('format')!r}, version {data.get('version')!r})")
+    _check_seal(path, data, raw, "digests_sha256", "digest file")
+    files = _validated(path, _DIGESTS_SCHEMA, data, "digests")["files"]
+    for rel, info in files.items():
+        _validated(path, _relative_path, rel, "digests.files")
+        f = directory / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing: the checkpoint is incomplete (it is listed in {path})")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"{f} has {size} bytes, {path} says {info['bytes']}: the file is truncated, "
+                                  "extended or was replaced")
+        if size <= _SMALL_FILE and sha256_of(f) != info["sha256"]:
+            raise CheckpointError(f"{f}: SHA-256 differs from {path}: the file is corrupted")
+    return files
+
+
+def _digest_problems(directory: Path, files: dict) -> list[str]:
+    problems = []
+    for rel, info in files.items():
+        try:
+            if sha256_of(directory / rel) != info["sha256"]:
+                problems.append(f"{directory / rel}: SHA-256 differs from {DIGESTS} (corrupted)")
+        except OSError as e:
+            problems.append(f"{directory / rel} cannot be read ({e})")
+    return problems
+
+
+def _check_groups(path: Path, groups: list[dict]) -> None:
+    """The hyperparameters a DCP or DeepSpeed checkpoint holds, by MicroAdam's own rules."""
+    for i, g in enumerate(groups):
+        plain = {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+        _validated(path, _hyperparameters, plain, f"optimizer parameter group {i}")
+
+
+class _FileSlice(io.RawIOBase):
+    """A read-only window [start, start + length) of an open file (a DCP item, for zipfile)."""
+
+    def __init__(self, f, start: int, length: int):
+        self._f, self._start, self._length, self._pos = f, start, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        base = {0: 0, 1: self._pos, 2: self._length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self):
+        return self._pos
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self._length - self._pos))
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(b)[:n]) if n else 0
+        self._pos += got
+        return got
+
+
+def _zip_problem(fileobj) -> str | None:
+    """Whether a torch.save archive reads back with every record's CRC-32 intact (None: it does)."""
+    try:
+        with zipfile.ZipFile(fileobj) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError,
+            RuntimeError, OverflowError) as e:
+        return f"not a readable torch.save archive ({type(e).__name__}: {e})"
+    return None if bad is None else f"record {bad!r} fails its CRC-32 (corrupted)"
+
+
 # ---- DCP (FSDP2) ----------------------------------------------------------------------------------
 class DCPCheckpoint(Checkpoint):
     """A DCP checkpoint in ``microadam_dist.train``'s layout (``{"model": ..., "optim": ...}`` as
@@ -240,6 +583,12 @@ class DCPCheckpoint(Checkpoint):
 
     def __init__(self, path: Path):
         super().__init__(path)
+        self._digests = _read_digests(self.path)
+        with _damaged(self.path, "the DCP checkpoint is damaged or truncated"):
+            self._open()
+        _check_groups(self.path, self.groups)
+
+    def _open(self) -> None:
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
@@ -249,9 +598,17 @@ class DCPCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.path / '.metadata'} cannot be read ({type(e).__name__}: {e}): the DCP "
                                   "checkpoint is truncated or corrupted") from e
         md = self._meta.state_dict_metadata
-        for fname in {item.relative_path for item in self._meta.storage_data.values()}:
-            if not (self.path / fname).exists():
-                raise CheckpointError(f"{self.path / fname} is missing: the DCP checkpoint is incomplete")
+        self._items: dict[str, list] = {}  # data file -> [(offset, length, transformed)] of its items
+        for item in self._meta.storage_data.values():
+            self._items.setdefault(item.relative_path, []).append(
+                (item.offset, item.length, bool(getattr(item, "transform_descriptors", None))))
+        for fname, items in self._items.items():
+            fpath = self.path / fname
+            if not fpath.is_file():
+                raise CheckpointError(f"{fpath} is missing: the DCP checkpoint is incomplete")
+            end, size = max(o + n for o, n, _ in items), fpath.stat().st_size
+            if size < end:
+                raise CheckpointError(f"{fpath} has {size} bytes, its items end at byte {end}: the file is truncated")
         self._tensors = {k: v for k, v in md.items() if isinstance(v, TensorStorageMetadata)}
         byte_keys = [k for k, v in md.items() if isinstance(v, BytesStorageMetadata)]
         group_keys = sorted({int(m.group(1)) for k in byte_keys if (m := re.match(r"optim\.param_groups\.(\d+)\.", k))})
@@ -276,15 +633,16 @@ class DCPCheckpoint(Checkpoint):
                     raise CheckpointError(f"{self.path}: parameter {name!r} of the optimizer has no model.{name} "
                                           "weight")
                 self.params[name] = ParamEntry(name, tuple(self._tensors[key].size), g)
-        meta_file = self.path / "train_meta.json"
+        meta_file = self.path / TRAIN_META
         steps = []
         if meta_file.exists():
-            self.step = json.loads(meta_file.read_text()).get("step")
+            self.step = _train_meta(meta_file).get("step")
         else:
             steps = [int(v) for v in self._load({k for k in self._tensors if k.endswith(".step")}).values()]
             self.step = max(steps, default=0)
 
     def _load(self, keys: set[str]) -> dict[str, Any]:
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
         if not keys:
@@ -293,7 +651,9 @@ class DCPCheckpoint(Checkpoint):
             with warnings.catch_warnings():  # "torch.distributed is unavailable": reading offline is the point
                 warnings.simplefilter("ignore", UserWarning)
                 flat = _load_state_dict_from_keys(keys, checkpoint_id=str(self.path))
-        except Exception as e:  # noqa: BLE001
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 (DCP's own is a BaseException)
+            if isinstance(e, CheckpointException) and e.failures:  # the cause, without DCP's traceback text
+                e = next(iter(e.failures.values()))[0]
             raise CheckpointError(f"{self.path}: reading {sorted(keys)[:3]} failed ({type(e).__name__}: {e}): the "
                                   "DCP checkpoint is truncated or corrupted") from e
         return {key: _lookup(flat, key) for key in keys}
@@ -302,14 +662,42 @@ class DCPCheckpoint(Checkpoint):
         return f"optim.state.{name}.step" in self._tensors
 
     def weight(self, name):
-        return self._load({f"model.{name}"})[f"model.{name}"]
+        with _damaged(self.path, "the DCP checkpoint is damaged"):
+            weight = self._load({f"model.{name}"})[f"model.{name}"]
+        if not isinstance(weight, torch.Tensor):
+            raise CheckpointError(f"{self.path}: model.{name} is not a tensor: the DCP checkpoint is damaged")
+        return weight
+
+    def verify(self) -> list[str]:
+        if self._digests is not None:
+            return _digest_problems(self.path, self._digests)
+        problems = []  # no digests: what the format itself can tell
+        for fname, items in sorted(self._items.items()):
+            fpath, end = self.path / fname, max(o + n for o, n, _ in items)
+            if fpath.stat().st_size != end:
+                problems.append(f"{fpath} has {fpath.stat().st_size - end} bytes after its last item (appended or "
+                                "overwritten)")
+            with open(fpath, "rb") as f:  # every item is a torch.save archive: check its CRC-32s
+                for offset, length, transformed in items:
+                    if not transformed:
+                        problem = _zip_problem(_FileSlice(f, offset, length))
+                        if problem:
+                            problems.append(f"{fpath} at byte {offset}: {problem}")
+        return problems
+
+    def unverified(self) -> list[str]:
+        if self._digests is not None:
+            return []
+        return [f"{self.path}: no {DIGESTS} (not written by microadam_dist, or by a version before digests): the "
+                "data items' CRC-32s were checked, but .metadata and the files' layout have no checksum"]
 
     def state(self, name):
         keys = {f"optim.state.{name}.{key}" for key in FIELDS}
         present = keys & set(self._tensors)
         if not present:
             return None
-        values = self._load(present)
+        with _damaged(self.path, "the DCP checkpoint is damaged"):
+            values = self._load(present)
         st = {key: values.get(f"optim.state.{name}.{key}") for key in FIELDS}
         from .fsdp import narrow_saved  # FSDP2 exports window indices as int32
 
@@ -352,9 +740,19 @@ class DeepSpeedCheckpoint(Checkpoint):
     def __init__(self, path: Path):
         super().__init__(path)
         self._segment_cache: dict[tuple[int, int], Any] = {}  # (rank, partition) -> _build_segments
+        self._digests = _read_digests(self.path)
+        with _damaged(self.path, "the DeepSpeed checkpoint is damaged or truncated"):
+            self._open()
+        _check_groups(self.path, self.groups)
+
+    def _open(self) -> None:
         tag_dir = self.path
         if (self.path / "latest").exists():
-            tag_dir = self.path / (self.path / "latest").read_text().strip()
+            tag = (self.path / "latest").read_text().strip()
+            tag_dir = self.path / tag
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", tag) or not tag_dir.is_dir():
+                raise CheckpointError(f"{self.path / 'latest'} names the tag {tag!r}, which is not a directory in "
+                                      f"{self.path}: the file is damaged or the tag directory is missing")
         self.tag_dir = tag_dir
         files = {int(m.group(1)): tag_dir / f for f in os.listdir(tag_dir) if (m := _RANK_FILE.match(f))}
         if not files:
@@ -394,10 +792,42 @@ class DeepSpeedCheckpoint(Checkpoint):
                     if name not in self.params:
                         self.params[name] = ParamEntry(name, tuple(shape), group_of_index[int(index)])
                     self._pieces.setdefault(name, []).append((rank, int(index), start, numel, offset))
-        models = sorted(tag_dir.glob("*model_states.pt"))
-        if models:
+        # DeepSpeed's own load needs the model states: one file, or one per rank under ZeRO-3
+        models = [tag_dir / "mp_rank_00_model_states.pt"]
+        if not models[0].exists():
+            models = [tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(self.world_size)]
+            lost = [m.name for m in models if not m.exists()]
+            if lost:
+                raise CheckpointError(f"{tag_dir}: the model states {lost[:3]} are missing (mp_rank_00_model_states.pt, "
+                                      "or one per rank under ZeRO-3): the checkpoint is incomplete")
+        self._files = [*files.values(), *models]
+        try:
             model_sd = torch.load(models[0], map_location="cpu", mmap=True, weights_only=False)
-            self.step = model_sd.get("global_steps")
+        except Exception as e:  # noqa: BLE001 (zip, pickle, EOF: all mean the same to the user)
+            raise CheckpointError(f"{models[0]} cannot be loaded ({type(e).__name__}: {e}): the file is truncated "
+                                  "or corrupted") from e
+        step = model_sd.get("global_steps")
+        if not (step is None or (isinstance(step, int) and step >= 0)):
+            raise CheckpointError(f"{models[0]}: global_steps is {step!r}: the file is corrupted")
+        self.step = step
+
+    def verify(self) -> list[str]:
+        if self._digests is not None:
+            return _digest_problems(self.path, self._digests)
+        problems = []
+        for f in self._files:  # no digests: the CRC-32 of every record of each torch.save archive
+            with open(f, "rb") as fh:
+                problem = _zip_problem(fh)
+            if problem:
+                problems.append(f"{f}: {problem}")
+        return problems
+
+    def unverified(self) -> list[str]:
+        if self._digests is not None:
+            return []
+        return [f"{self.path}: no {DIGESTS} (saved by DeepSpeed directly, not through microadam_dist.train): every "
+                "record's CRC-32 was checked, but bytes outside the records (zip headers, padding, appended data) and "
+                "the tag in 'latest' have no checksum"]
 
     @staticmethod
     def _load_rank_file(path: Path):
@@ -450,6 +880,10 @@ class DeepSpeedCheckpoint(Checkpoint):
         return all(self._ranks[rank][0].get(index) for rank, index, *_ in self._pieces[name])
 
     def weight(self, name):
+        with _damaged(self.tag_dir, "the DeepSpeed checkpoint is damaged"):
+            return self._weight(name)
+
+    def _weight(self, name):
         entry = self.params[name]
         out = torch.empty(math.prod(entry.shape), dtype=torch.float32)
         covered = 0
@@ -462,6 +896,10 @@ class DeepSpeedCheckpoint(Checkpoint):
         return out.view(entry.shape)
 
     def state(self, name):
+        with _damaged(self.tag_dir, "the DeepSpeed checkpoint is damaged"):
+            return self._state(name)
+
+    def _state(self, name):
         geom = self.geometry(name)
         window = self.groups[self.params[name].group]["window_size"]
         blocks = []
@@ -484,6 +922,10 @@ class DeepSpeedCheckpoint(Checkpoint):
 def open_checkpoint(path) -> Checkpoint:
     """Open a canonical, DCP or DeepSpeed checkpoint (detected from its files)."""
     path = Path(path)
+    if not path.exists() and previous_of(path).is_dir():
+        warnings.warn(f"{path} is missing: an overwrite was interrupted while swapping it in; reading the previous "
+                      f"checkpoint, kept at {previous_of(path)}", stacklevel=2)
+        path = previous_of(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if path.is_file():
@@ -506,15 +948,48 @@ def open_checkpoint(path) -> Checkpoint:
 
 
 # ---- writing --------------------------------------------------------------------------------------
+_USE_EXCHANGE = True  # False: always the OUT.old fallback (filesystems without RENAME_EXCHANGE; tests)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where
+    the platform or the filesystem cannot."""
+    import ctypes
+    import errno
+
+    if not _USE_EXCHANGE:
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def previous_of(out: Path) -> Path:
+    """Where an overwrite keeps the previous checkpoint while it swaps the new one in (the fallback
+    when the two cannot be exchanged atomically); open_checkpoint reads it if ``out`` is missing."""
+    return out.with_name(out.name + ".old")
+
+
 @contextlib.contextmanager
 def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
     """A temporary directory beside ``out``, renamed to ``out`` when the block completes.
 
     On an error the temporary directory is removed and ``out`` is untouched; an existing ``out``
-    is refused unless ``overwrite`` (then replaced only after the new one is complete).
+    is refused unless ``overwrite``. An overwrite never leaves a moment without a complete
+    checkpoint: the new directory and ``out`` are exchanged atomically (renameat2), or, where that
+    is not available, ``out`` is renamed to ``out.old`` first, which open_checkpoint reads when a
+    crash left ``out`` missing (as train.complete_checkpoint does for the main job).
     """
     out = Path(out)
-    if out.exists() and not overwrite:
+    old = previous_of(out)
+    if (out.exists() or old.exists()) and not overwrite:
         raise CheckpointError(f"{out} exists; choose another output or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{os.getpid()}.partial"
@@ -523,13 +998,17 @@ def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.{os.getpid()}.old"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
+        if not out.exists():
+            os.rename(tmp, out)
+        elif _exchange(tmp, out):  # out is the new checkpoint, tmp the previous one
+            shutil.rmtree(tmp)
         else:
-            tmp.rename(out)
+            if old.exists():  # left by a crash after the swap: out is complete, old is stale
+                shutil.rmtree(old)
+            os.rename(out, old)
+            os.rename(tmp, out)
+        if old.exists():
+            shutil.rmtree(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -549,17 +1028,30 @@ def _byte_view(t: torch.Tensor):
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
+def _safetensors_entry(v, where):
+    entry = _record({"dtype": _string("|".join(_ST_FROM)), "shape": _list_of(_integer(0)),
+                     "data_offsets": _list_of(_integer(0), 2)})(v, where)
+    begin, end = entry["data_offsets"]
+    if end < begin or (end - begin) != math.prod(entry["shape"]) * _ST_FROM[entry["dtype"]].itemsize:
+        raise _Bad(f"{where} has {end - begin} bytes for {entry['dtype']} {entry['shape']}")
+    return entry
+
+
 def read_safetensors_header(path: Path) -> dict:
-    size = path.stat().st_size
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if n <= 0 or 8 + n > size:
                 raise ValueError(f"header length {n} does not fit in {size} bytes")
-            header = json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError) as e:
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, UnicodeDecodeError, RecursionError, OSError) as e:
         raise CheckpointError(f"{path} cannot be read as safetensors ({e}): the file is corrupted") from e
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} cannot be read as safetensors (its header is not an object): corrupted")
+    metadata = header.pop("__metadata__", None)
+    _validated(path, _optional(_mapping(_string())), metadata, "safetensors __metadata__")
+    header = _validated(path, _mapping(_safetensors_entry), header, "safetensors header")
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: its header promises {8 + n + end} bytes, the file has {size}")
@@ -572,13 +1064,14 @@ def read_safetensors_tensor(path: Path, header: dict, key: str) -> torch.Tensor:
     if info is None:
         raise CheckpointError(f"{path} has no tensor {key!r}: the file does not match its manifest")
     begin, end = info["data_offsets"]
-    t = torch.empty(info["shape"], dtype=_ST_FROM[info["dtype"]])
-    if t.numel() * t.element_size() != end - begin:
-        raise CheckpointError(f"{path}: tensor {key!r} has {end - begin} bytes for shape {info['shape']}: corrupted")
-    with open(path, "rb") as f:
-        f.seek(header["__data_start__"] + begin)
-        if t.numel() and f.readinto(_byte_view(t)) != end - begin:
-            raise CheckpointError(f"{path} is truncated inside tensor {key!r}")
+    t = torch.empty(info["shape"], dtype=_ST_FROM[info["dtype"]])  # sizes checked with the header
+    try:
+        with open(path, "rb") as f:
+            f.seek(header["__data_start__"] + begin)
+            if t.numel() and f.readinto(_byte_view(t)) != end - begin:
+                raise CheckpointError(f"{path} is truncated inside tensor {key!r}")
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e})") from e
     return t
 
 
@@ -720,8 +1213,15 @@ def write_canonical(ckpt: Checkpoint, out, *, world_size: int | None = None, sha
             "param_groups": [_jsonable(g) for g in ckpt.groups],
             "params": params, "files": {**weights.files, **states.files},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _write_synced(tmp / MANIFEST, _sealed_json(manifest, MANIFEST_DIGEST))
     return Path(out)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _jsonable(group: dict) -> dict:
@@ -781,8 +1281,7 @@ def write_dcp(ckpt: Checkpoint, out, *, overwrite: bool = False, progress: bool 
         # a file per tensor: DCP keeps every tensor of a file in memory until the file is closed
         dcp.save(nested, storage_writer=dcp.FileSystemWriter(str(tmp), thread_count=1, single_file_per_rank=False),
                  planner=LazyPlanner(), no_dist=True)
-        (tmp / "train_meta.json").write_text(json.dumps(
-            {"step": ckpt.step or 0, "losses": [], "history": [], "converted_from": str(ckpt.path)}))
+        seal(tmp, {"step": ckpt.step or 0, "losses": [], "history": [], "converted_from": str(ckpt.path)})
     bar.close()
     return Path(out)
 

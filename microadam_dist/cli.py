@@ -30,7 +30,17 @@ Examples:
   microadam-ckpt convert runs/demo/ckpt/microadam OUT --to deepspeed
   microadam-ckpt reshard ckpts OUT --world-size 8           # DeepSpeed's own layout at 8 ranks
   microadam-ckpt export-adam OUT adamw/                     # dense AdamW moments from the window
+
+\b
+Exit status:
+  0  done; for inspect --verify: integrity ok, or "unverified" (read and checked, but some bytes
+     have no digest: the output says which)
+  2  the command line is wrong
+  3  a checkpoint cannot be used: damaged, truncated, incomplete, foreign, of another model or
+     geometry, an output that exists without --overwrite, or --verify found a problem; the
+     message names the file and the problem
 """
+EXIT_BAD_CHECKPOINT = 3  # documented above and in the README: the one code for bad input
 
 app = typer.Typer(help=__doc__ + EXAMPLES, no_args_is_help=True, add_completion=False,
                   rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,7 +55,7 @@ class Target(str, Enum):
 
 def _fail(error: Exception) -> None:
     typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(EXIT_BAD_CHECKPOINT)
 
 
 def _open(path: Path) -> Checkpoint:
@@ -93,23 +103,29 @@ def inspect(ckpt: Path = typer.Argument(..., help="checkpoint directory (canonic
     c = _open(ckpt)
     problems: list[str] = []
     steps: dict[int, int] = {}
+    unverified: list[str] = []
     if verify:
         try:
-            problems += c.verify()
-            from .checkpoint import canonical_parameter
+            problems += c.verify()  # digests first: tensors of files known to be damaged are not read
+            if not problems:
+                from .checkpoint import canonical_parameter
 
-            for name in c.params:
-                _, st = canonical_parameter(c, name)
-                step = -1 if st is None else int(st["step"])
-                steps[step] = steps.get(step, 0) + 1
+                for name in c.params:
+                    _, st = canonical_parameter(c, name)
+                    step = -1 if st is None else int(st["step"])
+                    steps[step] = steps.get(step, 0) + 1
+                unverified = c.unverified()
         except CheckpointError as e:
             problems.append(str(e))
+    integrity = "not checked (use --verify)"
+    if verify:
+        integrity = problems or ("ok" if not unverified else "unverified (no digest covers some bytes)")
     summary = {
         "path": str(ckpt), "engine": c.kind, "world_size": c.world_size, "step": c.step,
         "parameters": len(c.params), "elements": sum(_numel(e.shape) for e in c.params.values()),
         "state_bytes": c.state_bytes(), "param_groups": c.groups,
         "step_counts": {("no state" if k < 0 else str(k)): v for k, v in sorted(steps.items())} if verify else None,
-        "integrity": ("ok" if not problems else problems) if verify else "not checked (use --verify)",
+        "integrity": integrity, "unverified": unverified,
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=1, default=str))
@@ -119,13 +135,13 @@ def inspect(ckpt: Path = typer.Argument(..., help="checkpoint directory (canonic
                    f"{summary['state_bytes']:,} bytes ({summary['state_bytes'] / max(1, summary['elements']):.3f} B/param)")
         for i, g in enumerate(c.groups):
             typer.echo(f"  group {i}: " + ", ".join(f"{k}={v}" for k, v in g.items()))
-        if verify:
+        if verify and not problems:
             typer.echo("  step counts: " + ", ".join(f"{k}: {v}" for k, v in summary["step_counts"].items()))
-        typer.echo(f"  integrity: {summary['integrity'] if isinstance(summary['integrity'], str) else 'FAILED'}")
-        for p in problems:
+        typer.echo(f"  integrity: {integrity if isinstance(integrity, str) else 'FAILED'}")
+        for p in problems or unverified:
             typer.echo(f"    {p}")
     if problems:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_BAD_CHECKPOINT)
 
 
 def _numel(shape) -> int:
@@ -192,7 +208,11 @@ def export_adam_command(ckpt: Path = typer.Argument(..., help="source checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
-    app(args=argv, prog_name="microadam-ckpt")
+    try:
+        app(args=argv, prog_name="microadam-ckpt")
+    except (CheckpointError, OSError) as e:  # raised outside a command's own handling: same code
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD_CHECKPOINT)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, DeepSpeedCheckpoint, atomic_directory
+from .checkpoint import DIGESTS, CheckpointError, DeepSpeedCheckpoint, atomic_directory, seal
 
 #: config entries the stand-in engine must not take from the saved config
 _DROPPED = ("optimizer", "scheduler", "train_batch_size")
@@ -68,14 +68,15 @@ def reshard_deepspeed(src, out, world_size: int, *, overwrite: bool = False) -> 
             torch.save(states, new_tag / name)
         if root is not None:
             for item in root.iterdir():  # trainer_state.json, rng_state_*.pth, zero_to_fp32.py, ...
-                if item.name == "latest" or item.resolve() == tag_dir.resolve():
-                    continue
+                if item.name in ("latest", DIGESTS) or item.resolve() == tag_dir.resolve():
+                    continue  # the source's seal lists the source's files: the output gets its own
                 if item.is_dir():
                     if not (tmp / item.name).exists():
                         shutil.copytree(item, tmp / item.name)
                 else:
                     shutil.copy2(item, tmp / item.name)
         (tmp / "latest").write_text(tag_dir.name)
+        seal(tmp)  # every file's SHA-256 (microadam-ckpt inspect --verify), written last
     ckpt.close()
     return Path(out)
 

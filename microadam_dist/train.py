@@ -161,7 +161,9 @@ def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        (partial / "train_meta.json").write_text(json.dumps(meta))
+        from .checkpoint import seal
+
+        seal(partial, meta)  # train_meta.json, then the digests of every file (microadam-ckpt inspect --verify)
         # swap in: there is always one complete checkpoint, at path or (for an instant) at path.old,
         # where complete_checkpoint() finds it after a crash
         old = path.with_name(path.name + ".old")

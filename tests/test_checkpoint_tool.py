@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -57,11 +59,11 @@ def test_help_shows_examples():
 
 
 def test_foreign_and_missing_inputs(tmp_path):
-    cli("inspect", tmp_path / "nowhere", expect=2)
+    cli("inspect", tmp_path / "nowhere", expect=3)
     (tmp_path / "empty").mkdir()
-    assert "not a checkpoint this tool knows" in cli("inspect", tmp_path / "empty", expect=2).stderr
+    assert "not a checkpoint this tool knows" in cli("inspect", tmp_path / "empty", expect=3).stderr
     (tmp_path / "file.pt").write_bytes(b"x")
-    assert "is a file" in cli("inspect", tmp_path / "file.pt", expect=2).stderr
+    assert "is a file" in cli("inspect", tmp_path / "file.pt", expect=3).stderr
 
 
 def test_truncated_corrupted_and_incomplete_canonical(good, tmp_path):
@@ -69,11 +71,11 @@ def test_truncated_corrupted_and_incomplete_canonical(good, tmp_path):
     data = state_file.read_bytes()
     # a flipped byte inside the data: same size, caught by the hash (inspect --verify exits 1)
     state_file.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
-    run = cli("inspect", good, "--verify", expect=1)
+    run = cli("inspect", good, "--verify", expect=3)
     assert "SHA-256 differs" in run.stdout and "integrity: FAILED" in run.stdout
     # truncated: caught on open, before any tensor is read
     state_file.write_bytes(data[: len(data) // 2])
-    assert "truncated" in cli("inspect", good, expect=2).stderr
+    assert "truncated" in cli("inspect", good, expect=3).stderr
     with pytest.raises(CheckpointError, match="truncated"):
         checkpoint.open_checkpoint(good)
     # a garbage header of the right size
@@ -82,17 +84,17 @@ def test_truncated_corrupted_and_incomplete_canonical(good, tmp_path):
         checkpoint.open_checkpoint(good).state("ps.0")
     # no manifest: an interrupted write (the manifest is written last)
     (good / checkpoint.MANIFEST).unlink()
-    assert "incomplete" in cli("inspect", good, expect=2).stderr
+    assert "incomplete" in cli("inspect", good, expect=3).stderr
 
 
 def test_manifest_of_another_version_or_format(good):
     manifest = json.loads((good / checkpoint.MANIFEST).read_text())
     (good / checkpoint.MANIFEST).write_text(json.dumps({**manifest, "version": 99}))
-    assert "not supported" in cli("inspect", good, expect=2).stderr
+    assert "not supported" in cli("inspect", good, expect=3).stderr
     (good / checkpoint.MANIFEST).write_text(json.dumps({**manifest, "format": "something-else"}))
-    assert "not a MicroAdam canonical manifest" in cli("inspect", good, expect=2).stderr
+    assert "not a MicroAdam canonical manifest" in cli("inspect", good, expect=3).stderr
     (good / checkpoint.MANIFEST).write_text("{ not json")
-    assert "not valid JSON" in cli("inspect", good, expect=2).stderr
+    assert "not valid JSON" in cli("inspect", good, expect=3).stderr
 
 
 def test_corrupted_state_is_refused_and_nothing_is_written(tmp_path):
@@ -112,7 +114,7 @@ def test_output_is_atomic_and_never_replaced_silently(good, tmp_path):
     out = tmp_path / "out"
     cli("convert", good, out, "--to", "single", "--quiet")
     before = sorted(p.name for p in out.iterdir())
-    assert "exists" in cli("convert", good, out, "--to", "single", "--quiet", expect=2).stderr
+    assert "exists" in cli("convert", good, out, "--to", "single", "--quiet", expect=3).stderr
     # a conversion that fails half way (a damaged source) leaves the previous output as it was
     state_file = next(good.glob("state-*.safetensors"))
     data = state_file.read_bytes()
@@ -121,7 +123,7 @@ def test_output_is_atomic_and_never_replaced_silently(good, tmp_path):
     begin, end = header["ps.3/window_idx"]["data_offsets"]
     start = 8 + header_len + begin
     state_file.write_bytes(data[:start] + b"\x7f\x7f" * ((end - begin) // 2) + data[start + end - begin:])
-    run = cli("convert", good, out, "--to", "single", "--quiet", "--overwrite", expect=2)
+    run = cli("convert", good, out, "--to", "single", "--quiet", "--overwrite", expect=3)
     assert "outside their blocks" in run.stderr
     assert sorted(p.name for p in out.iterdir()) == before and leftovers(tmp_path) == []
     state_file.write_bytes(data)
@@ -133,7 +135,7 @@ def test_partial_directory_is_reported_incomplete(good, tmp_path):
     partial = tmp_path / ".ckpt.1234.partial"
     good.rename(partial)
     (partial / checkpoint.MANIFEST).unlink()
-    assert "incomplete" in cli("inspect", partial, expect=2).stderr
+    assert "incomplete" in cli("inspect", partial, expect=3).stderr
 
 
 def test_load_refuses_another_model_and_changes_nothing(good):
@@ -175,18 +177,18 @@ def _adamw_deepspeed(rank, world, out):
 def test_checkpoints_of_other_optimizers_and_missing_ranks(tmp_path):
     # DeepSpeed with AdamW, 2 ranks
     run_workers(_adamw_deepspeed, 2, str(tmp_path / "ds_adamw"))
-    assert "holds no MicroAdam state" in cli("inspect", tmp_path / "ds_adamw", expect=2).stderr
+    assert "holds no MicroAdam state" in cli("inspect", tmp_path / "ds_adamw", expect=3).stderr
     # DeepSpeed with MicroAdam, then one rank's file lost
     run_workers(P.ds_source, 2, 2, str(tmp_path / "ds"))
     tag = (tmp_path / "ds" / "latest").read_text().strip()
     next((tmp_path / "ds" / tag).glob("*zero_pp_rank_1_*optim_states.pt")).unlink()
-    assert "ranks [1] are missing" in cli("inspect", tmp_path / "ds", expect=2).stderr
+    assert "ranks [1] are missing" in cli("inspect", tmp_path / "ds", expect=3).stderr
     # an AdamW DCP checkpoint of the main job
     from microadam_dist import train
 
     train.main(["--steps", "1", "--optimizers", "adamw", "--save", str(tmp_path / "dcp"), "--quiet",
                 "--layers", "1", "--width", "32", "--heads", "2", "--context", "16"])
-    assert "another optimizer" in cli("inspect", tmp_path / "dcp" / "adamw", expect=2).stderr
+    assert "another optimizer" in cli("inspect", tmp_path / "dcp" / "adamw", expect=3).stderr
 
 
 def test_damaged_dcp(tmp_path):
@@ -198,9 +200,9 @@ def test_damaged_dcp(tmp_path):
     assert "integrity: ok" in cli("inspect", ckpt, "--verify").stdout
     data_file = next(ckpt.glob("*.distcp"))
     data_file.unlink()
-    assert "is missing" in cli("inspect", ckpt, expect=2).stderr
+    assert "is missing" in cli("inspect", ckpt, expect=3).stderr
     (ckpt / ".metadata").write_bytes((ckpt / ".metadata").read_bytes()[:100])
-    assert "truncated or corrupted" in cli("inspect", ckpt, expect=2).stderr
+    assert "truncated" in cli("inspect", ckpt, expect=3).stderr  # its size differs from the seal's
 
 
 @pytest.mark.timeout(300)
@@ -249,7 +251,7 @@ def test_killed_conversion_leaves_the_previous_output_and_a_detectable_partial(t
     proc.wait()
     assert {p.name: p.stat().st_size for p in out.iterdir()} == before
     assert "integrity: ok" in cli("inspect", out, "--verify").stdout
-    assert "incomplete" in cli("inspect", partial, expect=2).stderr
+    assert "incomplete" in cli("inspect", partial, expect=3).stderr
     with pytest.raises(CheckpointError, match="incomplete"):
         checkpoint.open_checkpoint(partial)
     cli("convert", src, out, "--to", "dcp", "--quiet", "--overwrite")
@@ -273,3 +275,54 @@ def test_one_density_rule_for_every_loader(good, density, same):
             assert "density" in str(e)
             outcomes.append(False)
     assert outcomes == [same, same]
+
+
+_KILL_AT_NTH_SWAP_STEP = """
+import os, signal, sys
+from microadam_dist import checkpoint
+src, out, n, exchange = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+checkpoint._USE_EXCHANGE = exchange
+count = 0
+def hook(event, args):  # SIGKILL this process just before its n-th rename, exchange or removal
+    global count
+    if event in ("os.rename", "os.replace", "shutil.rmtree", "ctypes.call_function"):
+        count += 1
+        if count == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+ckpt = checkpoint.open_checkpoint(src)
+sys.addaudithook(hook)
+checkpoint.write_canonical(ckpt, out, overwrite=True, progress=False)
+print("finished after", count)
+"""
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "old-fallback"])
+def test_overwrite_never_leaves_a_moment_without_a_complete_checkpoint(tmp_path, exchange):
+    """Kill a writer (a real process, SIGKILL) just before each filesystem step of an overwrite in
+    turn: at every point the target opens as a complete checkpoint, the previous one or the new
+    one. The old atomic_directory renamed the target away before renaming the new one in, and at
+    that moment nothing opened (it fails here at its second rename)."""
+    old_model, old_opt = trained(steps=2)
+    out = checkpoint.save(old_model, old_opt, tmp_path / "out")
+    new = checkpoint.save(*trained(steps=4), tmp_path / "new")
+    pristine = tmp_path / "pristine"
+    shutil.copytree(out, pristine)
+    for n in range(1, 20):
+        shutil.rmtree(out, ignore_errors=True)
+        for leftover in tmp_path.glob(".out.*"):
+            shutil.rmtree(leftover)
+        shutil.rmtree(tmp_path / "out.old", ignore_errors=True)
+        shutil.copytree(pristine, out)
+        run = subprocess.run([sys.executable, "-c", _KILL_AT_NTH_SWAP_STEP, str(new), str(out), str(n),
+                              "1" if exchange else "0"], capture_output=True, text=True, timeout=240)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "reading the previous checkpoint" after a kill mid-swap
+            got = checkpoint.open_checkpoint(out)
+        assert got.step in (2, 4) and got.verify() == [], (n, got.step)
+        if run.returncode == 0:
+            assert "finished" in run.stdout and got.step == 4
+            break
+        assert run.returncode == -9, (n, run.returncode, run.stderr[-2000:])
+    else:
+        raise AssertionError("the overwrite never finished")
+    assert n >= 2  # at least one kill point inside the swap was exercised

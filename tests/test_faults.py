@@ -132,7 +132,7 @@ def test_killed_save_keeps_the_previous_checkpoint(tmp_path, torchrun):
         checkpoint.open_checkpoint(partial)
     run = subprocess.run([sys.executable, "-m", "microadam_dist.cli", "inspect", str(partial)],
                          capture_output=True, text=True)
-    assert run.returncode == 2 and "incomplete" in run.stderr
+    assert run.returncode == 3 and "incomplete" in run.stderr  # the CLI's code for bad input
     # and the job resumes from the complete one
     again = torchrun(1, [*big, "--steps", str(complete.step + 1), "--save", str(ckpt), "--auto-resume"])
     out, _ = again.communicate(timeout=200)
