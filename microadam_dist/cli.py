@@ -178,6 +178,17 @@ def reshard(ckpt: Path = typer.Argument(..., help="source checkpoint"),
     resume_from_checkpoint load it. A DCP checkpoint stays DCP (FSDP2 reshards it at load); a
     canonical one stays canonical (world-size free)."""
     c = _open(ckpt)
+    if c.kind == "deepspeed":
+        from .ds_native import reshard_deepspeed
+
+        started = time.perf_counter()
+        try:
+            reshard_deepspeed(ckpt, out, world_size, overwrite=overwrite)
+        except CheckpointError as e:
+            _fail(e)
+        typer.echo(f"wrote {out} (DeepSpeed at {world_size} ranks, {time.perf_counter() - started:.1f} s); "
+                   "engine.load_checkpoint(DIR) or the Trainer's resume_from_checkpoint loads it")
+        return
     _write(c, out, Target.dcp if c.kind == "dcp" else Target.deepspeed, world_size, overwrite, shard_size, quiet)
 
 
@@ -194,17 +205,6 @@ def export_adam_command(ckpt: Path = typer.Argument(..., help="source checkpoint
         _fail(e)
     typer.echo(f"wrote {out / 'adamw_state.pt'}: torch.optim.AdamW.load_state_dict format ({len(c.params)} "
                "parameters, numbered in the order of param_names)")
-    if c.kind == "deepspeed":
-        from .ds_native import reshard_deepspeed
-
-        started = time.perf_counter()
-        try:
-            reshard_deepspeed(ckpt, out, world_size, overwrite=overwrite)
-        except CheckpointError as e:
-            _fail(e)
-        typer.echo(f"wrote {out} (DeepSpeed at {world_size} ranks, {time.perf_counter() - started:.1f} s); "
-                   "engine.load_checkpoint(DIR) or the Trainer's resume_from_checkpoint loads it")
-        return
 
 
 def main(argv: list[str] | None = None) -> None:
