@@ -8,6 +8,12 @@ path reaches on the traffic model (benchmarks/traffic_model.py) and the optimize
 bytes per parameter. Writes a markdown table (default results/triton_gpu.md).
 
     python benchmarks/bench_triton_gpu.py --sizes 1e6 1e8 1e9 --dtypes bf16 fp32
+
+--roofline adds the memory floor of each size (``copy_`` of one tensor into another, and ``sum()``,
+the cost of a separate finiteness pass); --model llama7b-fsdp8 times a Llama-7B's 291 parameter
+tensors each cut to 1/8 along dim 0 (one FSDP2 rank of 8) against one tensor of the same total
+size (issue 17's target: within 10 % per element). Every time is the optimizer's whole step,
+finiteness check and every launch included.
 """
 
 from __future__ import annotations
@@ -42,6 +48,73 @@ def median_step_ms(opt, warmup: int, repeats: int) -> tuple[float, float, float]
     return statistics.median(times), min(times), max(times)
 
 
+def llama7b_fsdp8_shapes() -> list[tuple[int, ...]]:
+    """A Llama-7B's 291 parameters (embedding, 32 x (4 attention, 3 MLP, 2 norms), norm, head),
+    each cut to 1/8 along dim 0 as FSDP2 shards it over 8 ranks."""
+    d, ff, vocab = 4096, 11008, 32000
+    layer = [(d, d)] * 4 + [(ff, d), (ff, d), (d, ff), (d,), (d,)]
+    shapes = [(vocab, d)] + layer * 32 + [(d,), (vocab, d)]
+    assert len(shapes) == 291
+    return [(-(-s[0] // 8),) + s[1:] for s in shapes]
+
+
+def time_ms(fn, repeats: int) -> tuple[float, float, float]:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), min(times), max(times)
+
+
+def roofline_rows(sizes, dtypes, repeats) -> list[str]:
+    rows = ["", "## Memory floor (same run)", "",
+            "| dtype | elements | copy_ (ms) | sum() (ms) | copy_ GB/s |", "|---|---|---|---|---|"]
+    for name in dtypes:
+        for n in map(int, sizes):
+            x = torch.randn(n, device="cuda", dtype=DTYPES[name])
+            y = torch.empty_like(x)
+            copy = time_ms(lambda: y.copy_(x), repeats)
+            total = time_ms(lambda: x.sum(), repeats)
+            gbs = 2 * x.numel() * x.element_size() / (copy[0] / 1e3) / 1e9
+            rows.append(f"| {name} | {n:,} | {fmt(copy)} | {fmt(total)} | {gbs:.0f} |")
+            print(rows[-1], flush=True)
+            del x, y
+            torch.cuda.empty_cache()
+    return rows
+
+
+def model_rows(dtypes, repeats) -> list[str]:
+    shapes = llama7b_fsdp8_shapes()
+    total = sum(torch.Size(s).numel() for s in shapes)
+    rows = ["", f"## Llama-7B at FSDP2 / 8 ranks: {len(shapes)} tensors, {total:,} elements on one rank", "",
+            "| dtype | fused AdamW, list (ms) | MicroAdam Triton, list (ms) | MicroAdam Triton, one tensor (ms) | "
+            "list / one tensor | Triton / fused (list) |", "|---|---|---|---|---|---|"]
+    for name in dtypes:
+        dtype = DTYPES[name]
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in shapes]
+        for q in params:
+            q.grad = torch.randn_like(q)
+        fused = median_step_ms(torch.optim.AdamW(params, lr=1e-5, fused=True), 3, repeats)
+        listed = median_step_ms(MicroAdam(params, lr=1e-5, backend="triton"), 12, repeats)
+        del params
+        torch.cuda.empty_cache()
+        one = torch.nn.Parameter(torch.randn(total, device="cuda", dtype=dtype))
+        one.grad = torch.randn_like(one)
+        single = median_step_ms(MicroAdam([one], lr=1e-5, backend="triton"), 12, repeats)
+        del one
+        torch.cuda.empty_cache()
+        rows.append(f"| {name} | {fmt(fused)} | {fmt(listed)} | {fmt(single)} | {listed[0] / single[0]:.2f} | "
+                    f"{listed[0] / fused[0]:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def state_bytes(opt) -> int:
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                if torch.is_tensor(t) and t.device.type == "cuda")
@@ -59,6 +132,8 @@ def main(argv=None):
     ap.add_argument("--reference-max", type=float, default=1e8,
                     help="largest size at which the PyTorch reference path is timed too")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "triton_gpu.md")
+    ap.add_argument("--roofline", action="store_true", help="also time copy_ and sum() at each size")
+    ap.add_argument("--model", choices=["llama7b-fsdp8"], help="also time a model-shaped parameter list")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_triton_gpu.py needs a CUDA device (none found); the CPU numbers come "
@@ -99,6 +174,10 @@ def main(argv=None):
             print(rows[-1], flush=True)
             del p
             torch.cuda.empty_cache()
+    if args.roofline:
+        rows += roofline_rows(args.sizes, args.dtypes, args.repeats)
+    if args.model:
+        rows += model_rows(args.dtypes, args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(rows) + "\n")
     print(f"wrote {args.out}")
