@@ -5,7 +5,8 @@
 
 Full: memory, speed and per-rank scaling against the baselines (bench_baselines.py), convergence
 on two tasks with tuned learning rates and 3 seeds (bench_convergence.py) and MicroAdam's window /
-density variants on the same tasks (one seed, results/microadam_variants/), the transient memory
+density variants on the same tasks (one seed, results/microadam_variants/), fine-tuning a
+pretrained GPT (bench_finetune.py, results/finetune.md), the transient memory
 of a step (step_memory.py), the Triton path's memory traffic model (traffic_model.py), checkpoint
 conversion of a 1e9-element checkpoint (bench_checkpoint.py) and the save/reshard/resume soak
 (soak.py). The GPU benchmark (bench_triton_gpu.py, gpu_check.sh) needs a CUDA machine and is not
@@ -38,6 +39,8 @@ def main(argv=None):
         ["bench_convergence.py", "--out", str(out / "microadam_variants"), "--seeds", "0", "--threads", "1",
          "--budget-minutes", "0", "--gpt-microadam-lrs", "1e-3", "2e-3", "5e-3", "--optimizers", "adamw", *VARIANTS]
         + (["--quick"] if args.quick else []),
+        # fine-tuning a pretrained 3.3M GPT (one thread, about 30 min of CPU with the pretraining)
+        ["bench_finetune.py", "--out", str(out)] + (["--quick"] if args.quick else []),
         ["step_memory.py", "--out", str(out)] + (["--sizes", "1e6"] if args.quick else []),
         ["traffic_model.py"],  # a model, no measurement: the same numbers every time
         ["bench_checkpoint.py"] + (["--params", "2e7", "--quick"] if args.quick else ["--params", "1e9"]),
