@@ -19,7 +19,7 @@ settings), so an interrupted benchmark resumes where it stopped.
 
 Everything runs on ONE thread (``torch.set_num_threads(1)``): the CPU here is shared.
 
-    python benchmarks/bench_finetune.py                       # the full set (about 30 min of one core)
+    python benchmarks/bench_finetune.py                       # the full set (about 15 min of one core)
     python benchmarks/bench_finetune.py --optimizers adamw,microadam --seeds 1
     python benchmarks/bench_finetune.py --quick --out /tmp/f   # a smoke test: tiny model, 10 steps
 """

@@ -39,7 +39,7 @@ def main(argv=None):
         ["bench_convergence.py", "--out", str(out / "microadam_variants"), "--seeds", "0", "--threads", "1",
          "--budget-minutes", "0", "--gpt-microadam-lrs", "1e-3", "2e-3", "5e-3", "--optimizers", "adamw", *VARIANTS]
         + (["--quick"] if args.quick else []),
-        # fine-tuning a pretrained 3.3M GPT (one thread, about 30 min of CPU with the pretraining)
+        # fine-tuning a pretrained 3.3M GPT (one thread, about 15 min of CPU with the pretraining)
         ["bench_finetune.py", "--out", str(out)] + (["--quick"] if args.quick else []),
         ["step_memory.py", "--out", str(out)] + (["--sizes", "1e6"] if args.quick else []),
         ["traffic_model.py"],  # a model, no measurement: the same numbers every time
