@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from optimizers import BASELINES, make, state_bytes  # noqa: E402
 
-from microadam_dist.distributed import free_port  # noqa: E402
+from microadam_dist.distributed import destroy_process_group, free_port  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 OPTIMIZERS = ["microadam", *BASELINES]
@@ -150,8 +150,7 @@ def _rank_entry(rank, world, port, engine, out):
     dist.all_gather_object(gathered, result)
     if rank == 0:
         Path(out).write_text(json.dumps(gathered))
-    dist.barrier()
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def worker_per_rank(engine: str, world: int) -> list[dict]:

@@ -838,7 +838,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     import deepspeed
 
     from .data import get_batch, split_corpus
-    from .distributed import init_process_group
+    from .distributed import collective_device, init_process_group
     from .models import GPT, GPTConfig
 
     ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
@@ -891,12 +891,12 @@ def main(argv: list[str] | None = None) -> list[float]:
         x, y = get_batch(train, global_batch, args.context, gen)
         share = global_batch // world
         x, y = x[rank * share:(rank + 1) * share].to(device), y[rank * share:(rank + 1) * share].to(device)
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=collective_device(like=device))
         for xm, ym in zip(x.chunk(accum), y.chunk(accum)):
             loss = engine(xm, ym)
             engine.backward(loss)
             engine.step()
-            total += loss.detach().double().cpu() / accum
+            total += loss.detach().double().to(total.device) / accum
         dist.all_reduce(total)
         losses.append(total.item() / world)
         if rank == 0 and not args.quiet:
@@ -907,9 +907,12 @@ def main(argv: list[str] | None = None) -> list[float]:
         opt = engine.basic_optimizer
         print(f"done: {len(losses)} steps, world size {world}, ZeRO stage {engine.zero_optimization_stage()}, "
               f"{type(engine.optimizer).__name__}, MicroAdam state {opt.state_bytes()} bytes on rank 0", flush=True)
+    engine.destroy()  # its autograd hooks would keep the engine, and its process groups, alive
     return losses
 
 
 if __name__ == "__main__":
+    from .distributed import destroy_process_group
+
     main()
-    dist.destroy_process_group()
+    destroy_process_group()  # joins the groups' threads: none may outlive the interpreter

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from tqdm import tqdm
 
 from .data import get_batch, split_corpus
-from .distributed import init_process_group
+from .distributed import collective_device, destroy_process_group, init_process_group
 from .models import GPT, GPTConfig
 from .optimizer import MicroAdam
 
@@ -64,7 +64,7 @@ def world() -> tuple[int, int]:
 def mean_across_ranks(value: float) -> float:
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())  # CUDA under NCCL
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
 
@@ -297,6 +297,8 @@ def train_one(name: str, args, device) -> RunResult:
     total_bytes = round(mean_across_ranks(local_bytes) * world()[1])
     result = RunResult(name, losses, evaluate(model, val, args, device), local_bytes, total_bytes, n, seconds,
                        tokens / max(seconds, 1e-9))
+    if opt is None:
+        model.destroy()  # DeepSpeed's autograd hooks would keep the engine, and its groups, alive
     if args.out and world()[0] == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"losses_{name}.json").write_text(json.dumps(
@@ -362,11 +364,13 @@ def main(argv=None) -> list[RunResult]:
     rank, size = world()
     if args.batch_size % size:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {size}")
+    finished = False
     try:
         results = [train_one(name, args, device) for name in args.optimizers]
+        finished = True
     finally:
-        if distributed:
-            dist.destroy_process_group()
+        if distributed:  # joins the groups' threads: none may outlive the interpreter
+            destroy_process_group(barrier=finished)
     if rank == 0:
         report(results, args, size)
     return results

@@ -5,7 +5,7 @@ import os
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from microadam_dist.distributed import free_port
+from microadam_dist.distributed import destroy_process_group, free_port
 
 
 def _entry(rank, world_size, port, fn, args):
@@ -13,8 +13,7 @@ def _entry(rank, world_size, port, fn, args):
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     fn(rank, world_size, *args)
-    dist.barrier()  # nobody tears gloo down while a peer still talks to it
-    dist.destroy_process_group()
+    destroy_process_group()  # the package's teardown: a barrier, then every group's threads joined
 
 
 def run_workers(fn, world_size: int, *args) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from microadam_dist.distributed import free_port, init_process_group
+from microadam_dist.distributed import destroy_process_group, free_port, init_process_group
 
 
 def _worker(rank: int, world_size: int, port: int, restart: int, late: float) -> None:
@@ -30,7 +30,7 @@ def _worker(rank: int, world_size: int, port: int, restart: int, late: float) ->
     total = torch.tensor([float(rank + 1)])
     dist.all_reduce(total)
     assert total.item() == 3.0
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 @pytest.mark.timeout(120)
