@@ -38,6 +38,12 @@ from microadam_dist.kernels.densify import densify_triton_
 # candidates (entries >= the bound) are ranked pairwise; blocks with more take the radix search
 TOPK_GROUPS, TOPK_CANDIDATES = 128, 64
 MAX_WINDOW_ENTRIES = 8192  # window_size * k per block the update kernel handles
+
+
+def supports(window_size: int, k: int) -> bool:
+    """Whether the kernels take blocks of ``k`` entries per slot in a window of ``window_size``."""
+    return window_size * k <= MAX_WINDOW_ENTRIES
+
 # no fused multiply-adds: the GPU compiler would otherwise round lo + code * u once, not twice
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 

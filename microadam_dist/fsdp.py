@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from .distributed import collective_device
 from .functional import STATE_DTYPES, from_row_form, to_row_form
 from .geometry import Geometry
 from .sharded import Segment
@@ -156,7 +157,8 @@ def _gather_cat(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     sizes = [None] * world
     dist.all_gather_object(sizes, as_bytes.shape[0], group=group)
     padded = torch.cat([as_bytes, as_bytes.new_zeros(max(sizes) - as_bytes.shape[0], as_bytes.shape[1])])
+    padded = padded.to(collective_device(group, t.device))  # CUDA for CPU-offloaded state under NCCL
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded, group=group)
-    joined = torch.cat([o[:n] for o, n in zip(out, sizes)]).view(t.dtype)
+    joined = torch.cat([o[:n] for o, n in zip(out, sizes)]).to(t.device).view(t.dtype)
     return joined.reshape(-1, *rest).movedim(0, dim)

@@ -45,6 +45,13 @@ class StepConfig:
     chunk_elements: int = 1 << 20
     alpha: float = 0.0  # densification (spec section 5); 0 is the plain algorithm
 
+    @classmethod
+    def from_group(cls, group: dict, step: int, chunk_elements: int = 1 << 20) -> "StepConfig":
+        """The step of a parameter of ``group`` (a param group) whose step count becomes ``step``."""
+        return cls(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                   weight_decay=group["weight_decay"], window_size=group["window_size"], step=step,
+                   chunk_elements=chunk_elements, alpha=group.get("alpha", 0.0))
+
 
 def densify_scalars(cfg: StepConfig) -> tuple[float, float]:
     """(lr * alpha, 1 - alpha) rounded to fp32 once, the factors every path multiplies by, so a

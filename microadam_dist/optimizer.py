@@ -25,7 +25,7 @@ from .functional import (
     microadam_blocks_,
     to_row_form,
 )
-from .geometry import Geometry, geometry_for, same_geometry_setting
+from .geometry import Geometry, geometry_for, same_geometry_setting, topk_count
 from .sharded import ShardedStepper
 
 #: Fixed defaults, never derived from the device (see docs/design.md for the reasoning).
@@ -44,12 +44,6 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _triton_blocks():
-    from .kernels.triton_path import microadam_blocks_triton_
-
-    return microadam_blocks_triton_
 
 
 def _is_number(x) -> bool:
@@ -181,6 +175,8 @@ class MicroAdam(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             validate_hyperparameters(group)
+            if self.backend == "triton":
+                self._check_triton_limits(group)
             for p in group["params"]:
                 if p.is_complex():
                     raise ValueError("MicroAdam does not support complex parameters; view them as real "
@@ -190,6 +186,19 @@ class MicroAdam(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+
+    @staticmethod
+    def _check_triton_limits(group: dict[str, Any]) -> None:
+        """backend='triton' must take every block the group can have (the largest has
+        ``ceil(density * block_size)`` entries per slot): refuse now, not at some later step."""
+        from .kernels import triton_path
+
+        k = topk_count(float(group["density"]), group["block_size"])
+        if not triton_path.supports(group["window_size"], k):
+            raise ValueError(f"backend='triton' handles window_size * k <= {triton_path.MAX_WINDOW_ENTRIES} "
+                             f"entries per block, got window_size={group['window_size']} * k={k} (density "
+                             f"{group['density']} of block_size {group['block_size']}); use backend='auto' "
+                             "(which falls back to the reference for such blocks) or a smaller window or density")
 
     # ---- geometry and state --------------------------------------------------------------------
     @staticmethod
@@ -210,12 +219,22 @@ class MicroAdam(torch.optim.Optimizer):
     def blocks_fn(self, device: torch.device):
         """The implementation of one step on a block range for tensors on ``device``.
 
-        ``"auto"`` takes the Triton kernels for CUDA tensors when triton is installed, the
-        PyTorch reference otherwise (always on the CPU).
+        ``"auto"`` takes the Triton kernels for CUDA tensors when triton is installed and the
+        kernels take the geometry, the PyTorch reference otherwise (always on the CPU).
         """
-        if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda" and triton_available()):
-            return _triton_blocks()
-        return microadam_blocks_
+        if self.backend == "torch" or (self.backend == "auto" and not (device.type == "cuda" and triton_available())):
+            return microadam_blocks_
+        from .kernels import triton_path
+
+        if self.backend == "triton":  # its limits were checked when the groups were added
+            return triton_path.microadam_blocks_triton_
+
+        def auto(geometry, b0, b1, param, grad, state, cfg):
+            k = max((piece.k for piece in geometry.pieces(b0, b1)), default=0)
+            fn = triton_path.microadam_blocks_triton_ if triton_path.supports(cfg.window_size, k) else microadam_blocks_
+            return fn(geometry, b0, b1, param, grad, state, cfg)
+
+        return auto
 
     # ---- the step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -283,12 +302,7 @@ class MicroAdam(torch.optim.Optimizer):
             state.update(init_state(geom, group["window_size"], 0, geom.num_blocks, p.device))
             if group["lr"] == 0 and not any_nonzero(p.grad, self.chunk_elements):
                 return  # state-creating probe: nothing else changes
-        state["step"] += 1
-        cfg = StepConfig(
-            lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-            weight_decay=group["weight_decay"], window_size=group["window_size"],
-            step=int(state["step"]), chunk_elements=self.chunk_elements, alpha=group.get("alpha", 0.0),
-        )
+        cfg = StepConfig.from_group(group, step=int(state["step"]) + 1, chunk_elements=self.chunk_elements)
         flat_param = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
         grad = p.grad.reshape(-1)
         if self.backend != "torch" and not grad.is_contiguous():
@@ -296,6 +310,7 @@ class MicroAdam(torch.optim.Optimizer):
         self.blocks_fn(p.device)(geom, 0, geom.num_blocks, flat_param, grad, state, cfg)
         if flat_param.data_ptr() != p.data_ptr():
             p.copy_(flat_param.view_as(p))
+        state["step"] += 1  # only once the step is applied
 
     @property
     def _steppers(self) -> dict:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .distributed import collective_device
 from .functional import StepConfig, all_finite, any_nonzero, init_state, microadam_blocks_
 from .geometry import Geometry
 
@@ -122,7 +123,11 @@ def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: i
 
 
 class ShardedStepper:
-    """Runs MicroAdam steps on one process group's segments; keeps the exchange plan cached."""
+    """Runs MicroAdam steps on one process group's segments; keeps the exchange plan cached.
+
+    Collective buffers sit on a device the group's backend takes (``distributed.collective_device``):
+    the parameters' own, or CUDA for CPU-offloaded parameters under NCCL.
+    """
 
     def __init__(self, process_group=None):
         self.process_group = process_group
@@ -134,10 +139,19 @@ class ShardedStepper:
             return 0, 1
         return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
 
-    def plan(self, segments: list[Segment]) -> _Plan:
+    @staticmethod
+    def _layout(segments: list[Segment]) -> list[tuple]:
+        return [(s.key, s.start, s.end, s.head()[1], s.tail_end()) for s in segments]
+
+    def plan(self, segments: list[Segment], *, replan: bool | None = None) -> _Plan:
+        """The exchange plan of this layout. Every rank must call it together when ``replan`` is
+        True (it all-gathers every rank's layout); None: replan when the local layout changed,
+        which only a single process may decide alone."""
         rank, world = self._world()
-        mine = [(s.key, s.start, s.end, s.head()[1], s.tail_end()) for s in segments]
-        if mine == self._plan_key and self._plan is not None:
+        mine = self._layout(segments)
+        if replan is None:
+            replan = mine != self._plan_key or self._plan is None
+        if not replan:
             return self._plan
         everyone = [None] * world
         if world > 1:
@@ -155,11 +169,12 @@ class ShardedStepper:
 
         Returns the keys of the parameters skipped because some rank's gradient piece held a NaN
         or an infinity (all ranks skip them together: state, step count and values unchanged).
+        Step counts advance only once a parameter's step has been applied.
         """
         rank, world = self._world()
-        plan = self.plan(segments)
-        device = segments[0].param.device if segments else torch.device("cpu")
-        probe, skipped = self._agree(segments, states, plan, world, device)
+        param_device = segments[0].param.device if segments else torch.device("cpu")
+        device = collective_device(self.process_group, param_device) if world > 1 else param_device
+        plan, probe, skipped = self._agree(segments, states, world, device)
         if skipped:
             segments = [replace(seg, grad=None) if seg.key in skipped else seg for seg in segments]
         for seg in segments:
@@ -179,10 +194,10 @@ class ShardedStepper:
             if seg.grad is not None:
                 send[dst:dst + n] = seg.grad[off:off + n]
             send[dst + n:dst + 2 * n] = seg.param[off:off + n]
-        gathered = self._all_gather(send, world)
+        gathered = [g.to(param_device) for g in self._all_gather(send, world)]
 
         # 2. owners step on their blocks, the received tail appended
-        ret = torch.zeros(plan.return_len, dtype=torch.float32, device=device)
+        ret = torch.zeros(plan.return_len, dtype=torch.float32, device=param_device)
         tails = dict(plan.my_tails)
         for i, seg in enumerate(segments):
             b0, b1 = seg.owned_blocks()
@@ -190,8 +205,8 @@ class ShardedStepper:
                 self._fill_returns(ret, tails.get(i, []), gathered, param=None)
                 continue
             state = states[seg.key]
-            state["step"] += 1
             if b1 == b0:
+                state["step"] += 1
                 continue
             e0, e1 = seg.region()
             lo, hi = e0 - seg.start, min(e1, seg.end) - seg.start
@@ -200,19 +215,16 @@ class ShardedStepper:
                 pieces = tails[i]
                 param = torch.cat([param] + [gathered[r][o + n:o + 2 * n].to(param.dtype) for r, o, n, _ in pieces])
                 grad = torch.cat([grad] + [gathered[r][o:o + n].to(grad.dtype) for r, o, n, _ in pieces])
-            g = seg.group
-            cfg = StepConfig(lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
-                             weight_decay=g["weight_decay"], window_size=g["window_size"],
-                             step=int(state["step"]), chunk_elements=chunk_elements,
-                             alpha=g.get("alpha", 0.0))
+            cfg = StepConfig.from_group(seg.group, step=int(state["step"]) + 1, chunk_elements=chunk_elements)
             blocks_fn(seg.geometry, b0, b1, param, grad, state, cfg)
+            state["step"] += 1
             if i in tails:
                 seg.param[lo:hi].copy_(param[:hi - lo])
                 self._fill_returns(ret, tails[i], gathered, param=param[hi - lo:])
 
         # 3. updated heads back
         if world > 1:
-            back = self._all_gather(ret, world)
+            back = [b.to(param_device) for b in self._all_gather(ret.to(device), world)]
             for i, off, n, owner, src in plan.my_head_returns:
                 segments[i].param[off:off + n].copy_(back[owner][src:src + n])
         return sorted(skipped, key=plan.keys.index)
@@ -231,19 +243,28 @@ class ShardedStepper:
         dist.all_gather(out, t, group=self.process_group)
         return out
 
-    def _agree(self, segments, states, plan: _Plan, world, device) -> tuple[bool, set]:
-        """Decisions all ranks must share, in one all-reduce: is this the state-creating probe
-        (lr 0, zero gradients, empty state), and which parameters have a non-finite gradient."""
+    def _agree(self, segments, states, world, device) -> tuple[_Plan, bool, set]:
+        """The decisions all ranks must share, in one all-reduce of a fixed size: must the
+        exchange plan be rebuilt (some rank's layout changed), is this the state-creating probe
+        (lr 0, zero gradients, empty state), does some gradient hold a NaN or an infinity. Only
+        then, and on every rank together, which parameters those are (a second all-reduce)."""
         fresh = [s for s in segments if s.grad is not None and not states.get(s.key)]
         not_probe = any(s.group["lr"] != 0 or any_nonzero(s.grad, 1 << 20) for s in fresh)
-        flags = torch.zeros(2 + len(plan.keys), dtype=torch.int64)
-        flags[0], flags[1] = int(bool(fresh)), int(not_probe)
-        for seg in segments:
-            if seg.grad is not None and not all_finite(seg.grad, 1 << 20):
-                flags[2 + plan.keys.index(seg.key)] = 1
-        if world > 1:
-            flags = flags.to(device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
-            flags = flags.cpu()
-        skipped = {key for key, bad in zip(plan.keys, flags[2:].tolist()) if bad}
-        return bool(flags[0]) and not bool(flags[1]), skipped
+        bad = {s.key for s in segments if s.grad is not None and not all_finite(s.grad, 1 << 20)}
+        stale = self._plan is None or self._layout(segments) != self._plan_key
+        if world == 1:
+            return self.plan(segments, replan=stale), bool(fresh) and not not_probe, bad
+        flags = torch.tensor([int(stale), int(bool(fresh)), int(not_probe), int(bool(bad))], dtype=torch.int64)
+        flags = flags.to(device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
+        stale, fresh, not_probe, any_bad = flags.tolist()
+        plan = self.plan(segments, replan=bool(stale))
+        skipped = set()
+        if any_bad:
+            per_key = torch.zeros(len(plan.keys), dtype=torch.int64)
+            for key in bad:
+                per_key[plan.keys.index(key)] = 1
+            per_key = per_key.to(device)
+            dist.all_reduce(per_key, op=dist.ReduceOp.MAX, group=self.process_group)
+            skipped = {key for key, flag in zip(plan.keys, per_key.tolist()) if flag}
+        return plan, bool(fresh) and not bool(not_probe), skipped
