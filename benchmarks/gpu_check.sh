@@ -4,6 +4,7 @@
 #   2. a per-kernel profile of one step at 1e8 elements, bf16 and fp32 (torch.profiler);
 #   3. the targets' timings: 1e9 bf16 and fp32 against fused AdamW, the memory floor (copy_, sum),
 #      a Llama-7B-shaped list of 291 tensors each cut to 1/8 against one tensor of the same size.
+#   1b. every engine path at world size 1 under NCCL (benchmarks/engine_check.py, issue 15);
 # Writes logs and tables to $OUT (default benchmarks/results). Uses the python3 that holds torch
 # and triton; the package is taken from this checkout (PYTHONPATH), nothing is installed.
 # SKIP_TESTS=1 / SKIP_BENCH=1 leave a part out; extra arguments go to bench_triton_gpu.py.
@@ -25,6 +26,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
   tests/test_triton_kernels.py tests/test_nonfinite.py tests/test_reference.py tests/test_triton_compile.py \
   tests/test_kernel_cost.py -k "not rank" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 echo "[gpu_check] tests done at ${SECONDS}s"
+
+# 1b. every engine path at world size 1 under NCCL (cpu:gloo,cuda:nccl), CPU offload included (~2-3 min)
+timeout "${ENGINE_TIMEOUT:-300}" "$PY" benchmarks/engine_check.py 2>&1 | tee "$OUT/engine_check.log" | grep -v "^    "
+echo "[gpu_check] engine paths done at ${SECONDS}s"
 
 # 2. per-kernel split of one Triton step at 1e8 elements (~1 min)
 timeout 180 "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/gpu_kernel_profile.txt" | tail -30

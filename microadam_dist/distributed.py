@@ -26,6 +26,7 @@ import gc
 import os
 import socket
 import sys
+import time
 import types
 import warnings
 from datetime import timedelta
@@ -111,9 +112,13 @@ def destroy_process_group(barrier: bool = True) -> None:
     gc.collect()  # FSDP states and hooks sit in reference cycles
     left = gloo_worker_threads()
     if left:
+        # every collective has completed (the barrier); let a worker that still has to free a
+        # finished one's tensors take the GIL now, while the interpreter can still give it
+        time.sleep(0.1)
         warnings.warn(f"{left} gloo worker thread(s) still run after destroy_process_group: a live object "
                       "(a model, an optimizer, a DeepSpeed engine, a DeviceMesh) still holds its process "
-                      "group; delete it first, or the process may abort at exit", RuntimeWarning, stacklevel=2)
+                      "group; delete it before the teardown (DeepSpeed ZeRO-3 keeps its groups in its "
+                      "parameters even after engine.destroy())", RuntimeWarning, stacklevel=2)
 
 
 def _release_cached_groups() -> None:
