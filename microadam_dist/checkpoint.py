@@ -1305,8 +1305,7 @@ def export_adam(ckpt: Checkpoint, out, *, overwrite: bool = False, progress: boo
         geom, t = ckpt.geometry(name), int(st["step"])
         b1, b2 = group["betas"]
         flat = from_row_form(st, geom, group["window_size"])
-        cfg = StepConfig(lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
-                         window_size=group["window_size"], step=t)
+        cfg = StepConfig.from_group(group, step=t)
         M, S = dense_moments(geom, flat, cfg) if t > 0 else (torch.zeros(geom.numel), torch.zeros(geom.numel))
         shape = ckpt.params[name].shape
         state[i] = {"step": torch.tensor(float(t)), "exp_avg": (M * (1 - b1)).view(shape),
