@@ -82,13 +82,13 @@ def densify_triton_(geometry: Geometry, b0: int, b1: int, param: torch.Tensor,
     run after the step's sparse update has been written to ``param``."""
     lr_alpha, keep = densify_scalars(cfg)
     param_bits = param.view(torch.int16) if param.dtype == torch.bfloat16 else param
-    for piece in geometry.pieces(b0, b1):
-        block = triton.next_power_of_2(max(piece.block_len, 2))
-        _densify[(piece.num_blocks,)](
+    for rect in geometry.rects(b0, b1):
+        block = triton.next_power_of_2(max(rect.block_len, 2))
+        _densify[(rect.num_blocks,)](
             param_bits, state["ef_codes"], state["ef_stats"],
-            piece.block_len, piece.num_cols, piece.buckets, piece.ef_bytes, geometry.quant_bucket_size,
-            piece.elem_offset, piece.elem_row_stride, piece.ef_offset, piece.ef_row_stride,
-            piece.bucket_offset, piece.bucket_row_stride,
+            rect.block_len, rect.num_cols, rect.buckets, rect.ef_bytes, geometry.quant_bucket_size,
+            rect.elem_offset, rect.elem_row_stride, rect.ef_offset, rect.ef_row_stride,
+            rect.bucket_offset, rect.bucket_row_stride,
             lr_alpha, keep,
             BLOCK=block, HALF=block // 2, PARAM_BF16=param.dtype == torch.bfloat16, **LAUNCH_OPTIONS,
         )

@@ -2,7 +2,7 @@
 
 Same contract as ``microadam_dist.functional.microadam_blocks_``: flat contiguous parameter and
 gradient buffers holding exactly blocks [b0, b1) of one parameter (a whole parameter, an FSDP
-shard, a ZeRO partition's piece), and that range's state. One launch per ``Geometry.Piece`` (a
+shard, a ZeRO partition's slice), and that range's state. One launch per ``geometry.BlockRect`` (a
 rectangle of equal-length blocks), one program per block, two passes over memory:
 
 1. ``_compress``: reads the gradient, the 4-bit codes and the bucket statistics (the block as
@@ -397,37 +397,37 @@ def microadam_blocks_triton_(
     grad_bits, param_bits = _as_bits(grad), _as_bits(param)
     idx_slot = win_idx[slot]
     val_slot = win_val[slot].view(torch.int16)
-    for piece in geometry.pieces(b0, b1):
-        n, k = piece.block_len, piece.k
+    for rect in geometry.rects(b0, b1):
+        n, k = rect.block_len, rect.k
         block = triton.next_power_of_2(max(n, 2))
         entries = triton.next_power_of_2(max(filled * k, 2))
         if entries > MAX_WINDOW_ENTRIES:
             raise ValueError(f"the Triton path handles window_size * k <= {MAX_WINDOW_ENTRIES} entries per "
                              f"block, got {m} * {k}; use backend='torch' or a smaller density/block_size")
-        grid = (piece.num_blocks,)
+        grid = (rect.num_blocks,)
         qb = geometry.quant_bucket_size
-        offsets = (piece.elem_offset, piece.elem_row_stride, piece.k_offset, piece.k_row_stride,
-                   piece.ef_offset, piece.ef_row_stride, piece.bucket_offset, piece.bucket_row_stride)
+        offsets = (rect.elem_offset, rect.elem_row_stride, rect.k_offset, rect.k_row_stride,
+                   rect.ef_offset, rect.ef_row_stride, rect.bucket_offset, rect.bucket_row_stride)
         if qb % 2 == 0:  # a row of [buckets, bucket size] per bucket
-            nb, bs = triton.next_power_of_2(piece.buckets), triton.next_power_of_2(min(qb, max(n, 2)))
+            nb, bs = triton.next_power_of_2(rect.buckets), triton.next_power_of_2(min(qb, max(n, 2)))
             groups = min(TOPK_GROUPS, nb * bs)
             cand = min(TOPK_CANDIDATES, 1 << (2 * k).bit_length() - 1)  # a power of two <= 2k
             _compress[grid](
                 grad_bits, state["ef_codes"], state["ef_stats"], idx_slot, val_slot,
-                n, k, piece.num_cols, piece.buckets, piece.ef_bytes, *offsets,
+                n, k, rect.num_cols, rect.buckets, rect.ef_bytes, *offsets,
                 NB=nb, BS=bs, QB=qb, GRAD_BF16=grad.dtype == torch.bfloat16,
                 TOPK_FAST=k <= min(groups, cand), G=groups, CAND=cand, **LAUNCH_OPTIONS,
             )
         else:
             _compress_odd_buckets[grid](
                 grad_bits, state["ef_codes"], state["ef_stats"], idx_slot, val_slot,
-                n, k, piece.num_cols, piece.buckets, piece.ef_bytes, qb, *offsets,
+                n, k, rect.num_cols, rect.buckets, rect.ef_bytes, qb, *offsets,
                 BLOCK=block, HALF=block // 2, GRAD_BF16=grad.dtype == torch.bfloat16, **LAUNCH_OPTIONS,
             )
         _update[grid](
             param_bits, win_idx, win_val.view(torch.int16), w1, w2,
-            n, k, piece.num_cols, filled, win_idx.stride(0),
-            piece.elem_offset, piece.elem_row_stride, piece.k_offset, piece.k_row_stride,
+            n, k, rect.num_cols, filled, win_idx.stride(0),
+            rect.elem_offset, rect.elem_row_stride, rect.k_offset, rect.k_row_stride,
             cfg.lr, c1, c2, cfg.eps, 1.0 - cfg.lr * cfg.weight_decay,
             ENTRIES=entries, PARAM_BF16=param.dtype == torch.bfloat16,
             DECAY=cfg.weight_decay != 0.0, BLOCK=block, **LAUNCH_OPTIONS,

@@ -8,7 +8,7 @@ One step of one block range (see ``microadam_blocks_``) is:
   5. p -= lr * c1 * M / (sqrt(c2 * S) + eps)   M, S rebuilt from the window
   7. with 0 < alpha < 1 (the authors' densification, spec section 5), a dense pass after the
      parameter is written: p -= (lr * alpha) * dequant(e); e = quant4((1 - alpha) * dequant(e))
-Work is done piece by piece (geometry.Piece) and in chunks of at most ``chunk_elements``
+Work is done rect by rect (geometry.BlockRect) and in chunks of at most ``chunk_elements``
 elements, so no temporary grows with the parameter.
 """
 
@@ -18,17 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .geometry import Geometry, Piece
+from .geometry import BlockRect, Geometry
 
 QUANT_LEVELS = 15  # 4 bits: codes 0..15
 INDEX_BITS = 15  # block-local indices < 32768 fit in int16 and in the low bits of a select key
-STATE_DTYPES = {
-    "step": torch.int64,
-    "window_idx": torch.int16,
-    "window_val": torch.bfloat16,
-    "ef_codes": torch.uint8,
-    "ef_stats": torch.float32,
-}
 
 
 @dataclass(frozen=True)
@@ -145,30 +138,30 @@ def select_topk(a: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-# ---- strided views of one piece's chunk -------------------------------------------------------
+# ---- strided views of one rect's chunk -------------------------------------------------------
 def _view(t: torch.Tensor, offset: int, size, stride) -> torch.Tensor:
     return t.as_strided(size, stride, t.storage_offset() + offset)
 
 
-def _chunks(piece: Piece, chunk_elements: int):
-    """Sub-rectangles (row0, rows, col0, cols) of ``piece`` with at most ~chunk_elements elements."""
-    row_elems = piece.num_cols * piece.block_len
+def _chunks(rect: BlockRect, chunk_elements: int):
+    """Sub-rectangles (row0, rows, col0, cols) of ``rect`` with at most ~chunk_elements elements."""
+    row_elems = rect.num_cols * rect.block_len
     if row_elems <= chunk_elements:
         step = max(1, chunk_elements // row_elems)
-        for r in range(0, piece.num_rows, step):
-            yield r, min(step, piece.num_rows - r), 0, piece.num_cols
+        for r in range(0, rect.num_rows, step):
+            yield r, min(step, rect.num_rows - r), 0, rect.num_cols
     else:
-        step = max(1, chunk_elements // piece.block_len)
-        for r in range(piece.num_rows):
-            for c in range(0, piece.num_cols, step):
-                yield r, 1, c, min(step, piece.num_cols - c)
+        step = max(1, chunk_elements // rect.block_len)
+        for r in range(rect.num_rows):
+            for c in range(0, rect.num_cols, step):
+                yield r, 1, c, min(step, rect.num_cols - c)
 
 
 class _ChunkViews:
     """Views of the param, grad and state tensors for one chunk: blocks shaped [rows, cols, ...]."""
 
-    def __init__(self, piece: Piece, r0: int, nr: int, c0: int, nc: int, param, grad, state):
-        p = piece
+    def __init__(self, rect: BlockRect, r0: int, nr: int, c0: int, nc: int, param, grad, state):
+        p = rect
         n, k = p.block_len, p.k
         e_off = p.elem_offset + r0 * p.elem_row_stride + c0 * n
         k_off = p.k_offset + r0 * p.k_row_stride + c0 * k
@@ -204,7 +197,7 @@ def microadam_blocks_(
     """One MicroAdam step, in place, on blocks [b0, b1) of one parameter.
 
     ``param`` and ``grad`` are flat contiguous tensors holding exactly the elements of those blocks
-    (any floating dtype); ``state`` holds the state of exactly those blocks (``init_state``): its
+    (any floating dtype); ``state`` holds the state of exactly those blocks (``state.StateLayout``): its
     tensors may be views into larger ones (window tensors sliced along dim 1, the others along
     dim 0), as long as their last dimension is contiguous.
     """
@@ -215,14 +208,14 @@ def microadam_blocks_(
     device = param.device
     bucket = geometry.quant_bucket_size
 
-    pieces = geometry.pieces(b0, b1)
+    rects = geometry.rects(b0, b1)
     # M and S scratch for the largest chunk, zero between chunks (only touched entries are reset)
-    largest = max((min(p.numel, max(cfg.chunk_elements, p.block_len)) for p in pieces), default=0)
+    largest = max((min(p.numel, max(cfg.chunk_elements, p.block_len)) for p in rects), default=0)
     scratch = torch.zeros(2, largest, dtype=torch.float32, device=device)
-    for piece in pieces:
-        n, k = piece.block_len, piece.k
-        for r0, nr, c0, nc in _chunks(piece, cfg.chunk_elements):
-            v = _ChunkViews(piece, r0, nr, c0, nc, param, grad, state)
+    for rect in rects:
+        n, k = rect.block_len, rect.k
+        for r0, nr, c0, nc in _chunks(rect, cfg.chunk_elements):
+            v = _ChunkViews(rect, r0, nr, c0, nc, param, grad, state)
             nb = v.num_blocks
             # 1. accumulate the error feedback
             codes = _flat_blocks(v.ef_codes, nb)
@@ -298,89 +291,6 @@ def all_finite(t: torch.Tensor, chunk_elements: int) -> bool:
     return all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(chunk_elements))
 
 
-def init_state(geometry: Geometry, window_size: int, b0: int, b1: int, device) -> dict[str, torch.Tensor]:
-    """Zero state for blocks [b0, b1): an empty window and an error feedback of exactly 0."""
-    k, ef, buckets = geometry.state_sizes(b0, b1)
-    t = STATE_DTYPES
-    return {
-        "step": torch.zeros((), dtype=t["step"]),  # on the CPU, like torch's own optimizers
-        "window_idx": torch.zeros(window_size, k, dtype=t["window_idx"], device=device),
-        "window_val": torch.zeros(window_size, k, dtype=t["window_val"], device=device),
-        "ef_codes": torch.zeros(ef, dtype=t["ef_codes"], device=device),
-        "ef_stats": torch.zeros(buckets, 2, dtype=t["ef_stats"], device=device),
-    }
-
-
-def canonical_shapes(geometry: Geometry, window_size: int) -> dict[str, tuple]:
-    """Shapes of a whole parameter's state in the canonical *row form* that checkpoints hold.
-
-    The row dimension (dim 1 of the window tensors, dim 0 of the others) has one entry per
-    parameter row, so a checkpoint can be cut or joined at any row, like the parameter itself.
-    """
-    (k_row, q_row, e_row), rows = geometry.per_row, geometry.rows
-    return {
-        "step": (),
-        "window_idx": (window_size, rows, k_row),
-        "window_val": (window_size, rows, k_row),
-        "ef_codes": (rows, e_row),
-        "ef_stats": (rows, q_row, 2),
-    }
-
-
-def to_row_form(state: dict, geometry: Geometry, window_size: int, rows: int) -> dict[str, torch.Tensor]:
-    """Views of internal (flat) state covering ``rows`` whole rows, in row form."""
-    k_row, q_row, e_row = geometry.per_row
-    return {
-        "step": state["step"],
-        "window_idx": state["window_idx"].view(window_size, rows, k_row),
-        "window_val": state["window_val"].view(window_size, rows, k_row),
-        "ef_codes": state["ef_codes"].view(rows, e_row),
-        "ef_stats": state["ef_stats"].view(rows, q_row, 2),
-    }
-
-
-def from_row_form(values: dict, geometry: Geometry, window_size: int, b0: int = 0, b1: int | None = None,
-                  rows: int | None = None) -> dict[str, torch.Tensor]:
-    """Internal flat state (fresh tensors) from row form.
-
-    With ``rows``, ``values`` covers exactly that many rows and is only flattened; otherwise it
-    is the whole parameter's state and blocks [b0, b1) are cut out of it.
-    """
-    flat = {
-        "window_idx": values["window_idx"].reshape(window_size, -1),
-        "window_val": values["window_val"].reshape(window_size, -1),
-        "ef_codes": values["ef_codes"].reshape(-1),
-        "ef_stats": values["ef_stats"].reshape(-1, 2),
-    }
-    if rows is None:
-        (_, k0, e0, q0), (_, k1, e1, q1) = geometry.block_start(b0), geometry.block_start(
-            geometry.num_blocks if b1 is None else b1)
-        flat = {"window_idx": flat["window_idx"][:, k0:k1], "window_val": flat["window_val"][:, k0:k1],
-                "ef_codes": flat["ef_codes"][e0:e1], "ef_stats": flat["ef_stats"][q0:q1]}
-    out = {key: value.clone(memory_format=torch.contiguous_format) for key, value in flat.items()}
-    out["step"] = values["step"].detach().to("cpu", torch.int64).clone()
-    return out
-
-
-def join_owned_blocks(pieces: list[tuple[int, int, dict]], geometry: Geometry, window_size: int) -> dict[str, torch.Tensor]:
-    """A whole parameter's state in row form from the (b0, b1, flat state of blocks [b0, b1))
-    pieces its ranks own, in any order; ValueError if some block is held by no piece."""
-    pieces = sorted((p for p in pieces if p[1] > p[0]), key=lambda p: p[0])
-    pos = 0
-    for b0, b1, _ in pieces:
-        if b0 != pos:
-            break
-        pos = b1
-    if pos != geometry.num_blocks or not pieces:
-        raise ValueError(f"blocks from {pos} are held by no rank")
-    flat = {"step": pieces[0][2]["step"].clone(),
-            "window_idx": torch.cat([p[2]["window_idx"] for p in pieces], dim=1),
-            "window_val": torch.cat([p[2]["window_val"] for p in pieces], dim=1),
-            "ef_codes": torch.cat([p[2]["ef_codes"] for p in pieces]),
-            "ef_stats": torch.cat([p[2]["ef_stats"] for p in pieces])}
-    return to_row_form(flat, geometry, window_size, rows=geometry.rows)
-
-
 def window_weights(cfg: StepConfig, device) -> tuple[int, int, torch.Tensor, torch.Tensor]:
     """(slot written this step, filled slots, b1^q and b2^q per filled slot as fp32).
 
@@ -398,23 +308,6 @@ def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, floa
     return (1.0 - beta1) / (1.0 - beta1**step), (1.0 - beta2) / (1.0 - beta2**step)
 
 
-__all__ = [
-    "STATE_DTYPES",
-    "StepConfig",
-    "all_finite",
-    "any_nonzero",
-    "bias_corrections",
-    "densify_scalars",
-    "dequantize_4bit",
-    "init_state",
-    "canonical_shapes",
-    "from_row_form",
-    "microadam_blocks_",
-    "quantize_4bit",
-    "select_topk",
-    "to_row_form",
-    "window_weights",
-]
 
 
 def dense_moments(geometry: Geometry, state: dict[str, torch.Tensor], cfg: StepConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,9 +321,9 @@ def dense_moments(geometry: Geometry, state: dict[str, torch.Tensor], cfg: StepC
     w1, w2 = w1.view(-1, 1, 1), w2.view(-1, 1, 1)
     M = torch.zeros(geometry.numel, dtype=torch.float32)
     S = torch.zeros(geometry.numel, dtype=torch.float32)
-    for piece in geometry.pieces(0, geometry.num_blocks):
-        n, k = piece.block_len, piece.k
-        v = _ChunkViews(piece, 0, piece.num_rows, 0, piece.num_cols, M, S, state)
+    for rect in geometry.rects(0, geometry.num_blocks):
+        n, k = rect.block_len, rect.k
+        v = _ChunkViews(rect, 0, rect.num_rows, 0, rect.num_cols, M, S, state)
         nb = v.num_blocks
         idx = v.win_idx[:filled].reshape(filled, nb, k).long().permute(1, 0, 2).reshape(nb, filled * k)
         val = v.win_val[:filled].reshape(filled, nb, k).float()
@@ -438,6 +331,34 @@ def dense_moments(geometry: Geometry, state: dict[str, torch.Tensor], cfg: StepC
         s_blocks = m_blocks.clone()
         m_blocks.scatter_add_(1, idx, (val * w1).permute(1, 0, 2).reshape(nb, filled * k))
         s_blocks.scatter_add_(1, idx, (val * val * w2).permute(1, 0, 2).reshape(nb, filled * k))
-        v.param.copy_(m_blocks.view(piece.num_rows, piece.num_cols, n))
-        v.grad.copy_(s_blocks.view(piece.num_rows, piece.num_cols, n))
+        v.param.copy_(m_blocks.view(rect.num_rows, rect.num_cols, n))
+        v.grad.copy_(s_blocks.view(rect.num_rows, rect.num_cols, n))
     return M, S
+
+
+# ---- TEMPORARY (the redesign of issue 16 removes these): the old state helpers, now in state.py ----
+from .state import DTYPES as STATE_DTYPES  # noqa: E402
+from .state import StateLayout as _Layout  # noqa: E402
+
+
+def init_state(geometry, window_size, b0, b1, device):
+    return _Layout(geometry, window_size, b0, b1).zeros(device)
+
+
+def canonical_shapes(geometry, window_size):
+    return _Layout(geometry, window_size).row_shapes()
+
+
+def to_row_form(state, geometry, window_size, rows):
+    b1 = rows * geometry.blocks_per_row
+    return _Layout(geometry, window_size, 0, b1).to_rows(state)
+
+
+def from_row_form(values, geometry, window_size, b0=0, b1=None, rows=None):
+    if rows is not None:
+        b0, b1 = 0, rows * geometry.blocks_per_row
+    return _Layout(geometry, window_size, b0, b1).from_rows(values)
+
+
+def join_owned_blocks(pieces, geometry, window_size):
+    return _Layout.join(geometry, window_size, pieces)

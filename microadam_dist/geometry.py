@@ -23,6 +23,8 @@ import functools
 import math
 from dataclasses import dataclass
 
+from .hyperparams import same_geometry_setting  # noqa: F401  TEMPORARY (issue 16)
+
 
 def topk_count(density: float, n: int) -> int:
     """k = ceil(density * n), at least 1 and at most n.
@@ -33,24 +35,8 @@ def topk_count(density: float, n: int) -> int:
     return min(n, max(1, math.ceil(density * n * (1.0 - 1e-12))))
 
 
-DENSITY_REL_TOL = 1e-13  # float rounding only: far below any density a user would choose differently
-
-
-def same_geometry_setting(key: str, saved, current) -> bool:
-    """The one rule for whether a saved geometry setting (window_size, density, block_size,
-    quant_bucket_size) matches an optimizer's: integers exactly; density up to float rounding
-    (a density that went through JSON, a config file or another computation of the same decimal).
-    Loaders check the state's shapes separately."""
-    if key != "density":
-        return saved == current
-    if isinstance(saved, bool) or isinstance(current, bool) or not all(
-            isinstance(v, (int, float)) for v in (saved, current)):
-        return False
-    return math.isclose(float(saved), float(current), rel_tol=DENSITY_REL_TOL, abs_tol=0.0)
-
-
 @dataclass(frozen=True)
-class Piece:
+class BlockRect:
     """A rectangle of equal-length blocks: ``num_rows`` x ``num_cols`` blocks of ``block_len``.
 
     All offsets are relative to the start of the block range the piece belongs to, and strides
@@ -161,6 +147,11 @@ class Geometry:
         b = self.block_of_element(e)
         return b if self.block_start(b)[0] >= e else b + 1
 
+    def owned_blocks(self, start: int, end: int) -> tuple[int, int]:
+        """Blocks [b0, b1) owned by whoever holds elements [start, end): those whose first element is
+        in the range (the rule that makes any cut of the flat index step like one process)."""
+        return self.first_block_at_or_after(start), self.first_block_at_or_after(end)
+
     def state_sizes(self, b0: int = 0, b1: int | None = None) -> tuple[int, int, int]:
         """(window entries, ef bytes, buckets) held by blocks [b0, b1)."""
         b1 = self.num_blocks if b1 is None else b1
@@ -173,7 +164,7 @@ class Geometry:
         return window_size * k * 4 + ef + buckets * 8 + 8
 
     # ---- decomposition of a block range into uniform rectangles --------------------------------
-    def pieces(self, b0: int = 0, b1: int | None = None) -> list[Piece]:
+    def rects(self, b0: int = 0, b1: int | None = None) -> list["BlockRect"]:
         """Split blocks [b0, b1) into rectangles of equal-length blocks, in block order."""
         b1 = self.num_blocks if b1 is None else b1
         if not 0 <= b0 <= b1 <= self.num_blocks:
@@ -201,11 +192,13 @@ class Geometry:
                 out.append(self._piece(row, nrows, nf, nf + 1, self.tail_len, self.tail, origin))
         return out
 
-    def _piece(self, row, nrows, c0, c1, n, sizes, origin) -> Piece:
+    pieces = rects  # TEMPORARY (issue 16): the old name
+
+    def _piece(self, row, nrows, c0, c1, n, sizes, origin) -> BlockRect:
         k, buckets, ef = sizes
         start = self.block_start(row * self.blocks_per_row + c0)
         kr, qr, er = self.per_row
-        return Piece(
+        return BlockRect(
             num_rows=nrows, num_cols=c1 - c0, block_len=n, k=k, buckets=buckets, ef_bytes=ef,
             elem_offset=start[0] - origin[0], k_offset=start[1] - origin[1],
             ef_offset=start[2] - origin[2], bucket_offset=start[3] - origin[3],
@@ -216,3 +209,8 @@ class Geometry:
 @functools.lru_cache(maxsize=4096)
 def geometry_for(shape: tuple[int, ...], block_size: int, quant_bucket_size: int, density: float) -> Geometry:
     return Geometry(tuple(shape), block_size, quant_bucket_size, density)
+
+
+def geometry_of(shape, group: dict) -> Geometry:
+    """The geometry of a parameter of ``shape`` under a param group's hyperparameters."""
+    return geometry_for(tuple(shape), group["block_size"], group["quant_bucket_size"], float(group["density"]))

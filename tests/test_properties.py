@@ -54,16 +54,16 @@ def check_invariants(opt: MicroAdam, p: torch.Tensor, cfg: dict, steps: int) -> 
     # dtypes, shapes, indices inside their blocks, ordered finite statistics (the checkpoint checks)
     check_state("p", to_row_form(st_, geom, cfg["window_size"], geom.rows), geom, cfg["window_size"], "state")
     # the error feedback dequantizes inside its bucket's [lo, hi]
-    for piece in geom.pieces(0, geom.num_blocks):
-        for r in range(piece.num_rows):
-            for c in range(piece.num_cols):
-                e0 = piece.ef_offset + r * piece.ef_row_stride + c * piece.ef_bytes
-                q0 = piece.bucket_offset + r * piece.bucket_row_stride + c * piece.buckets
-                codes = st_["ef_codes"][e0:e0 + piece.ef_bytes].view(1, -1)
-                stats = st_["ef_stats"][q0:q0 + piece.buckets].view(1, -1, 2)
-                x = dequantize_4bit(codes, stats, piece.block_len, cfg["quant_bucket_size"])
-                lo = stats[0, :, 0].repeat_interleave(cfg["quant_bucket_size"])[:piece.block_len]
-                hi = stats[0, :, 1].repeat_interleave(cfg["quant_bucket_size"])[:piece.block_len]
+    for rect in geom.rects(0, geom.num_blocks):
+        for r in range(rect.num_rows):
+            for c in range(rect.num_cols):
+                e0 = rect.ef_offset + r * rect.ef_row_stride + c * rect.ef_bytes
+                q0 = rect.bucket_offset + r * rect.bucket_row_stride + c * rect.buckets
+                codes = st_["ef_codes"][e0:e0 + rect.ef_bytes].view(1, -1)
+                stats = st_["ef_stats"][q0:q0 + rect.buckets].view(1, -1, 2)
+                x = dequantize_4bit(codes, stats, rect.block_len, cfg["quant_bucket_size"])
+                lo = stats[0, :, 0].repeat_interleave(cfg["quant_bucket_size"])[:rect.block_len]
+                hi = stats[0, :, 1].repeat_interleave(cfg["quant_bucket_size"])[:rect.block_len]
                 slack = 1e-6 * torch.maximum(lo.abs(), hi.abs())  # lo + code * u rounds: an ulp or two
                 assert bool(((x >= lo - slack) & (x <= hi + slack)).all())
 
