@@ -3,7 +3,7 @@
 #
 # Reads the environment (defaults in brackets):
 #   HOSTFILE [launch/hostfile.sample]   MASTER_ADDR [127.0.0.1]   MASTER_PORT [29500]
-#   CONFIG [configs/ds_zero2.json]      MODULE [microadam_dist.deepspeed_zero]
+#   CONFIG [configs/ds_zero2.json]      MODULE [microadam_dist.train, run with --engine deepspeed]
 #   DS_ACCELERATOR [cpu when no CUDA device is visible]
 #   NO_SSH [unset]: set to 1 to start each node yourself (run this script on every node with
 #                   NODE_RANK=<its index in the hostfile>), as DeepSpeed's --no_ssh does
@@ -33,5 +33,5 @@ exec "$PY" -m deepspeed.launcher.runner \
   --hostfile "$HOSTFILE" "${extra[@]}" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" \
   --master_port "${MASTER_PORT:-29500}" \
-  --module "${MODULE:-microadam_dist.deepspeed_zero}" \
-  --deepspeed_config "${CONFIG:-configs/ds_zero2.json}" "$@"
+  --module "${MODULE:-microadam_dist.train}" \
+  --engine deepspeed --deepspeed_config "${CONFIG:-configs/ds_zero2.json}" "$@"

@@ -2,7 +2,7 @@
 # The torchrun equivalent of launch/deepspeed_hostfile.sh: a DeepSpeed job started by torchrun
 # (one agent per node; no ssh needed). A thin layer over launch/torchrun.sh, which reads
 # NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT; this script adds
-#   CONFIG [configs/ds_zero2.json]  MODULE [microadam_dist.deepspeed_zero]
+#   CONFIG [configs/ds_zero2.json]  MODULE [microadam_dist.train, run with --engine deepspeed]
 #   DS_ACCELERATOR [cpu when no CUDA device is visible]
 # Extra arguments are passed to the module.
 #
@@ -14,5 +14,5 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 if [ -z "${DS_ACCELERATOR:-}" ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   export DS_ACCELERATOR=cpu
 fi
-MODULE=${MODULE:-microadam_dist.deepspeed_zero} PYTHON=$PY \
-  exec launch/torchrun.sh --deepspeed_config "${CONFIG:-configs/ds_zero2.json}" "$@"
+MODULE=${MODULE:-microadam_dist.train} PYTHON=$PY \
+  exec launch/torchrun.sh --engine deepspeed --deepspeed_config "${CONFIG:-configs/ds_zero2.json}" "$@"

@@ -202,7 +202,7 @@ def _mapping(value_spec, key_pattern: str = r".+"):
 
 def _hyperparameters(v, where):
     """A parameter group: MicroAdam's hyperparameters, checked by the optimizer's own rules."""
-    from .optimizer import validate_hyperparameters
+    from .hyperparams import validate_hyperparameters
 
     base = ("lr", "betas", "eps", "weight_decay", *GEOMETRY_KEYS)
     group = _record({"lr": _number, "betas": _list_of(_number, 2), "eps": _number, "weight_decay": _number,
@@ -699,7 +699,7 @@ class DCPCheckpoint(Checkpoint):
         with _damaged(self.path, "the DCP checkpoint is damaged"):
             values = self._load(present)
         st = {key: values.get(f"optim.state.{name}.{key}") for key in FIELDS}
-        from .fsdp import narrow_saved  # FSDP2 exports window indices as int32
+        from .state import narrow_indices as narrow_saved  # FSDP2 exports window indices as int32
 
         return narrow_saved(st)
 
@@ -832,7 +832,7 @@ class DeepSpeedCheckpoint(Checkpoint):
     @staticmethod
     def _load_rank_file(path: Path):
         """(MicroAdam's state_dict, its ZeRO layout, the fp32 partitions) of one rank's file."""
-        from .deepspeed_zero import LAYOUT_KEY
+        from .zero_layout import LAYOUT_KEY
 
         try:
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -861,7 +861,6 @@ class DeepSpeedCheckpoint(Checkpoint):
         return self._segment_cache[(rank, index)]
 
     def _build_segments(self, rank: int, index: int):
-        from .deepspeed_zero import ZeroAdapter
         from .sharded import Segment
 
         state, flats = self._ranks[rank]
@@ -874,7 +873,10 @@ class DeepSpeedCheckpoint(Checkpoint):
             segs.append(Segment(key=name, geometry=self.geometry(name), start=start, param=flat[offset:offset + numel],
                                 grad=None, group=group))
         st = state.get(index)
-        return segs, (ZeroAdapter._views(segs, st) if st else None)
+        from .state import packed_views
+
+        views = packed_views([seg.state_layout() for seg in segs], st) if st else None
+        return segs, (dict(zip((seg.key for seg in segs), views)) if st else None)
 
     def has_state(self, name):
         return all(self._ranks[rank][0].get(index) for rank, index, *_ in self._pieces[name])

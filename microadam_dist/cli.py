@@ -179,7 +179,7 @@ def reshard(ckpt: Path = typer.Argument(..., help="source checkpoint"),
     canonical one stays canonical (world-size free)."""
     c = _open(ckpt)
     if c.kind == "deepspeed":
-        from .ds_native import reshard_deepspeed
+        from .deepspeed_zero.reshard import reshard_deepspeed
 
         started = time.perf_counter()
         try:

@@ -1,41 +1,28 @@
 """``MicroAdam``: the torch.optim.Optimizer users construct.
 
-This file holds validation, state bookkeeping and checkpoint dtypes; the math lives in
-``functional.py`` and the block layout in ``geometry.py``.
+A thin class: it validates, picks the implementation of a step (the PyTorch reference in
+``functional`` or the Triton kernels) and runs one loop over the units of work its engine
+(``engine.Engine``) hands it. Hyperparameters live in ``hyperparams``, the state in ``state``,
+the block layout in ``geometry``.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from . import fsdp
-from .functional import (
-    STATE_DTYPES,
-    StepConfig,
-    all_finite,
-    any_nonzero,
-    canonical_shapes,
-    from_row_form,
-    init_state,
-    microadam_blocks_,
-    to_row_form,
-)
-from .geometry import Geometry, geometry_for, same_geometry_setting, topk_count
+from .engine import PARAMS, Engine
+from .functional import microadam_blocks_
+from .geometry import Geometry, geometry_of, topk_count
+from .hyperparams import DEFAULT_BLOCK_SIZE, DEFAULT_QUANT_BUCKET_SIZE, validate_hyperparameters
 from .sharded import ShardedStepper
+from .state import state_nbytes
 
-#: Fixed defaults, never derived from the device (see docs/design.md for the reasoning).
-DEFAULT_BLOCK_SIZE = 4096
-DEFAULT_QUANT_BUCKET_SIZE = 2048
-MAX_BLOCK_SIZE = 1 << 15  # block-local indices are int16
 BACKENDS = ("auto", "torch", "triton")
 NONFINITE_POLICIES = ("skip", "raise")
-#: Hyperparameters that shape the state; a checkpoint made with other values cannot be loaded.
-GEOMETRY_KEYS = ("window_size", "density", "block_size", "quant_bucket_size")
 
 
 def triton_available() -> bool:
@@ -44,56 +31,6 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def validate_hyperparameters(group: dict[str, Any]) -> None:
-    """Raise ValueError naming the first hyperparameter outside its allowed range."""
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        raise ValueError("Invalid lr: a Tensor; lr must be a Python float")
-    if not _is_number(lr) or not lr >= 0.0 or not math.isfinite(lr):
-        raise ValueError(f"Invalid lr: {lr!r}; it must be a finite float >= 0")
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r}; it must be a pair (beta1, beta2)")
-    for i, b in enumerate(betas):
-        if not _is_number(b) or not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid beta{i + 1}: {b!r}; it must be in [0, 1)")
-    eps = group["eps"]
-    if not _is_number(eps) or not eps >= 0.0 or not math.isfinite(eps):
-        raise ValueError(f"Invalid eps: {eps!r}; it must be a finite float >= 0")
-    wd = group["weight_decay"]
-    if not _is_number(wd) or not wd >= 0.0 or not math.isfinite(wd):
-        raise ValueError(f"Invalid weight_decay: {wd!r}; it must be a finite float >= 0")
-    m = group["window_size"]
-    if not _is_int(m) or m < 1:
-        raise ValueError(f"Invalid window_size: {m!r}; it must be an integer >= 1")
-    d = group["density"]
-    if not _is_number(d) or not 0.0 < d <= 1.0:
-        raise ValueError(f"Invalid density: {d!r}; it must be in (0, 1]")
-    alpha = group.get("alpha", 0.0)
-    if not _is_number(alpha) or not 0.0 <= alpha < 1.0:
-        raise ValueError(f"Invalid alpha: {alpha!r}; it must be in [0, 1) (0 turns densification off)")
-    b = group["block_size"]
-    if not _is_int(b) or not 1 <= b <= MAX_BLOCK_SIZE:
-        raise ValueError(
-            f"Invalid block_size: {b!r}; it must be an integer in [1, {MAX_BLOCK_SIZE}] "
-            "(block-local indices are stored as int16)"
-        )
-    q = group["quant_bucket_size"]
-    if not _is_int(q) or not 1 <= q <= b or b % q:
-        raise ValueError(
-            f"Invalid quant_bucket_size: {q!r}; it must be an integer that divides "
-            f"block_size={b} (buckets tile each block)"
-        )
 
 
 class MicroAdam(torch.optim.Optimizer):
@@ -130,11 +67,9 @@ class MicroAdam(torch.optim.Optimizer):
     #: memory is a few tens of bytes per chunk element (54 MiB measured at 1e8; docs/design.md)
     chunk_elements: int = 1 << 20
 
-    #: Set by an engine integration whose parameters are engine-owned flat buffers (DeepSpeed
-    #: ZeRO's partitions). It must provide ``step_group(opt, group_index, group) -> bool`` (True
-    #: when it stepped that group), ``state_dict(opt, sd) -> sd`` and
-    #: ``load_state_dict(opt, sd) -> sd | None`` (None when it loaded everything itself).
-    engine_adapter = None
+    #: How this optimizer reaches its parameters and their state (``engine.Engine``): plain tensors
+    #: and DTensors by default; ``fsdp1.attach`` and the DeepSpeed integration set their own.
+    engine: Engine = PARAMS
 
     def __init__(
         self,
@@ -203,18 +138,11 @@ class MicroAdam(torch.optim.Optimizer):
     # ---- geometry and state --------------------------------------------------------------------
     @staticmethod
     def geometry(p: torch.Tensor, group: dict[str, Any]) -> Geometry:
-        return geometry_for(tuple(p.shape), group["block_size"], group["quant_bucket_size"],
-                            float(group["density"]))
+        return geometry_of(p.shape, group)
 
     def state_bytes(self) -> int:
-        """Exact bytes of all optimizer state tensors (the per-parameter step counters included)."""
-        def nbytes(x) -> int:
-            if isinstance(x, torch.Tensor):
-                x = x.to_local() if fsdp.is_dtensor(x) else x
-                return x.numel() * x.element_size()
-            return sum(map(nbytes, x.values())) if isinstance(x, dict) else 0
-
-        return sum(map(nbytes, self.state.values()))
+        """Exact bytes of all optimizer state tensors on this rank (step counters included)."""
+        return sum(map(state_nbytes, self.state.values()))
 
     def blocks_fn(self, device: torch.device):
         """The implementation of one step on a block range for tensors on ``device``.
@@ -241,41 +169,27 @@ class MicroAdam(torch.optim.Optimizer):
     def step(self, closure=None):
         """One optimizer step.
 
-        A parameter whose grad is None is skipped (its step count does not advance). On empty
-        state, a step with lr = 0 and an all-zero gradient only creates the state (this is the
-        probe step torch.distributed.checkpoint runs) and leaves the step count at 0.
-        FSDP2 parameters (DTensors) step on their local shard; every rank must call ``step``.
+        A parameter whose grad is None is skipped (its step count does not advance). A parameter
+        whose gradient holds a NaN or an infinity is skipped too (``nonfinite``). On empty state, a
+        step with lr = 0 and an all-zero gradient only creates the state (this is the probe step
+        torch.distributed.checkpoint runs) and leaves the step count at 0. Sharded parameters step
+        on their local shard, bitwise like one process; every rank must call ``step``.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group_index, group in enumerate(self.param_groups):
-            if self.engine_adapter is not None and self.engine_adapter.step_group(self, group_index, group):
-                continue
-            sharded: dict[Any, list] = {}  # process group -> [(param, segment)]
-            for param_index, p in enumerate(group["params"]):
-                if p.numel() == 0:
-                    continue
-                if p.grad is not None:
-                    self._check_grad(p, p.grad)
-                if fsdp.is_dtensor(p):
-                    seg, pg = fsdp.dtensor_segment(p, (group_index, param_index), self.geometry(p, group), group)
-                    sharded.setdefault(pg, []).append((p, seg))
-                elif getattr(p, "_fsdp_flattened", False):
-                    raise RuntimeError(
-                        "this parameter is an FSDP1 (FullyShardedDataParallel) shard: call "
-                        "microadam_dist.fsdp1.attach(optimizer, model) once after building the optimizer"
-                    )
-                elif p.grad is not None:
-                    self._step_param(p, group)
-            for pg, items in sharded.items():
-                stepper = self._steppers.setdefault(pg, ShardedStepper(pg))
-                states = {seg.key: self.state[p] for p, seg in items if p.grad is not None}
-                device = items[0][1].param.device
-                skipped = stepper.step([seg for _, seg in items], states, self.chunk_elements, self.blocks_fn(device))
+            for work in self.engine.segments(self, group_index, group):
+                stepper = self._steppers.get(work.key)
+                if stepper is None:
+                    stepper = self._steppers[work.key] = ShardedStepper(work.process_group, local=work.local)
+                device = work.segments[0].param.device
+                skipped = stepper.step(work.segments, work.states, self.chunk_elements, self.blocks_fn(device))
+                if work.finish is not None:
+                    work.finish()
                 for key in skipped:
-                    self._nonfinite(f"parameter {key[1]} of group {key[0]}")
+                    self._nonfinite(work.describe(key))
         return loss
 
     def _nonfinite(self, what: str) -> None:
@@ -289,141 +203,24 @@ class MicroAdam(torch.optim.Optimizer):
         warnings.warn(f"MicroAdam skipped the step of {what}: its gradient has a NaN or an infinity "
                       f"({self.nonfinite_skips} skipped so far; state untouched)", RuntimeWarning, stacklevel=3)
 
-    def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        if not all_finite(p.grad, self.chunk_elements):
-            index = next(i for i, q in enumerate(group["params"]) if q is p)
-            group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
-            self._nonfinite(f"parameter {index} of group {group_index} "
-                            f"(shape {tuple(p.shape)})")
-            return
-        geom = self.geometry(p, group)
-        state = self.state[p]
-        if not state:
-            state.update(init_state(geom, group["window_size"], 0, geom.num_blocks, p.device))
-            if group["lr"] == 0 and not any_nonzero(p.grad, self.chunk_elements):
-                return  # state-creating probe: nothing else changes
-        cfg = StepConfig.from_group(group, step=int(state["step"]) + 1, chunk_elements=self.chunk_elements)
-        flat_param = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
-        grad = p.grad.reshape(-1)
-        if self.backend != "torch" and not grad.is_contiguous():
-            grad = grad.contiguous()
-        self.blocks_fn(p.device)(geom, 0, geom.num_blocks, flat_param, grad, state, cfg)
-        if flat_param.data_ptr() != p.data_ptr():
-            p.copy_(flat_param.view_as(p))
-        state["step"] += 1  # only once the step is applied
-
     @property
     def _steppers(self) -> dict:
+        """One ShardedStepper (it caches an exchange plan) per unit of work; kept out of pickles."""
         if "_microadam_steppers" not in self.__dict__:
             self.__dict__["_microadam_steppers"] = {}
         return self.__dict__["_microadam_steppers"]
 
-    @staticmethod
-    def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
-        if grad.is_sparse:
-            raise RuntimeError("MicroAdam does not support sparse gradients; use dense gradients "
-                               "(for nn.Embedding, sparse=False)")
-        if grad.is_complex() or not grad.is_floating_point():
-            raise RuntimeError(f"MicroAdam needs real floating-point gradients, got {grad.dtype}")
-        if grad.shape != p.shape:
-            raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter "
-                               f"shape {tuple(p.shape)}")
-        if grad.device != p.device:
-            raise RuntimeError(f"gradient on {grad.device} but parameter on {p.device}")
-
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch's state_dict, each parameter's state in the canonical row form.
+        """torch's state_dict with each parameter's state as its engine saves it.
 
-        Row form (``functional.canonical_shapes``): window tensors ``(window_size, rows, k_row)``,
-        codes ``(rows, bytes_row)``, statistics ``(rows, buckets_row, 2)``; FSDP2 parameters'
-        state is DTensors (sharded by rows like the parameter, or replicated for 1-D ones), so
+        Plain and FSDP2 parameters: the row form (``state.StateLayout.row_shapes``), as DTensors
+        for FSDP2 (sharded by rows like the parameter, or replicated for 1-D ones), so
         torch.distributed.checkpoint saves it once and reshards it. Every rank must call it.
         """
-        sd = super().state_dict()
-        if self.engine_adapter is not None:  # it owns the layout of its parameters' state
-            return self.engine_adapter.state_dict(self, sd)
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if index in sd["state"]:
-                    state, geom, m = sd["state"][index], self.geometry(p, group), group["window_size"]
-                    if fsdp.is_dtensor(p):
-                        sd["state"][index] = fsdp.export_state(p, state, geom, m)
-                    else:
-                        sd["state"][index] = to_row_form(state, geom, m, rows=geom.rows)
-                index += 1
-        return sd
+        return self.engine.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state, refusing state of another geometry, optimizer or model.
-
-        The state tensors keep their saved dtypes (torch's loader would cast floating-point state
-        to the parameter's dtype: bf16 window values to fp32, fp32 statistics to bf16), so only
-        the hyperparameters go through ``torch.optim.Optimizer.load_state_dict``.
-        """
-        if self.engine_adapter is not None:
-            state_dict = self.engine_adapter.load_state_dict(self, state_dict)
-            if state_dict is None:
-                return
-        saved_groups = state_dict.get("param_groups")
-        if saved_groups is None or "state" not in state_dict:
-            raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups'")
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"the state_dict has {len(saved_groups)} parameter groups, "
-                             f"this optimizer has {len(self.param_groups)}")
-        id_to_param = {}
-        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            for key in GEOMETRY_KEYS:
-                if key not in saved:
-                    raise ValueError(f"parameter group {i} of the state_dict has no {key!r}: "
-                                     "it was not saved by MicroAdam")
-                if not same_geometry_setting(key, saved[key], group[key]):
-                    raise ValueError(
-                        f"cannot load MicroAdam state saved with {key}={saved[key]!r} into an "
-                        f"optimizer with {key}={group[key]!r} (parameter group {i}); build the "
-                        f"optimizer with {key}={saved[key]!r} to resume this checkpoint"
-                    )
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"parameter group {i}: the state_dict has {len(saved['params'])} "
-                                 f"parameters, the optimizer {len(group['params'])}")
-            id_to_param.update(zip(saved["params"], [(p, group) for p in group["params"]]))
-        for pid, st in state_dict["state"].items():
-            if pid not in id_to_param:
-                raise ValueError(f"the state_dict has state for unknown parameter id {pid!r}")
-            p, group = id_to_param[pid]
-            self._check_saved_state(pid, p, group, fsdp.narrow_saved(st) if fsdp.is_dtensor(p) else st)
-        imported = {}
-        for pid, st in state_dict["state"].items():
-            p, group = id_to_param[pid]
-            geom, m = self.geometry(p, group), group["window_size"]
-            if fsdp.is_dtensor(p):
-                imported[p] = fsdp.import_state(p, st, geom, m)
-            else:
-                imported[p] = from_row_form(st, geom, m)
-            imported[p] = {k: v if k == "step" else v.to(p.device) for k, v in imported[p].items()}
-        super().load_state_dict({**state_dict, "state": {}})  # hyperparameters only
-        for group in self.param_groups:  # a state_dict saved before alpha existed: no densification
-            if group.get("alpha") is None:
-                group["alpha"] = 0.0
-        for p, st in imported.items():
-            self.state[p] = st
-
-    def _check_saved_state(self, pid, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
-        expected = canonical_shapes(self.geometry(p, group), group["window_size"])
-        if not isinstance(st, dict) or set(st) != set(expected):
-            keys = sorted(st) if isinstance(st, dict) else type(st).__name__
-            raise ValueError(f"state of parameter {pid!r} has keys {keys}, expected MicroAdam's "
-                             f"{sorted(expected)}: is this another optimizer's checkpoint?")
-        for key, shape in expected.items():
-            value = st[key]
-            if not isinstance(value, torch.Tensor) or value.dtype != STATE_DTYPES[key]:
-                got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"state {key!r} of parameter {pid!r} is {got}, expected "
-                                 f"{STATE_DTYPES[key]}")
-            if tuple(value.shape) != shape:
-                raise ValueError(
-                    f"state {key!r} of parameter {pid!r} has shape {tuple(value.shape)}, expected "
-                    f"{shape} for a parameter of shape {tuple(p.shape)}: the checkpoint belongs to "
-                    "a different model"
-                )
+        """Load state, refusing state of another geometry, optimizer, model or layout before
+        anything is changed. The state tensors keep their saved dtypes."""
+        self.engine.load_state_dict(self, state_dict)

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from .distributed import collective_device
-from .functional import StepConfig, all_finite, any_nonzero, init_state, microadam_blocks_
+from .functional import StepConfig, all_finite, any_nonzero, microadam_blocks_
 from .geometry import Geometry
+from .state import StateLayout
 
 
 @dataclass
@@ -46,8 +47,11 @@ class Segment:
         return self.start + self.param.numel()
 
     def owned_blocks(self) -> tuple[int, int]:
-        g = self.geometry
-        return g.first_block_at_or_after(self.start), g.first_block_at_or_after(self.end)
+        return self.geometry.owned_blocks(self.start, self.end)
+
+    def state_layout(self) -> StateLayout:
+        """The state this segment keeps: that of its owned blocks."""
+        return StateLayout(self.geometry, self.group["window_size"], *self.owned_blocks())
 
     def region(self) -> tuple[int, int]:
         """Global elements [e0, e1) of the owned blocks (may run past ``end``, into the tail)."""
@@ -70,7 +74,7 @@ class _Plan:
     send_len: int = 0  # per-rank buffer length of the forward all-gather
     return_len: int = 0  # ... and of the backward one
     my_heads: list = field(default_factory=list)  # (seg index, local off, length, send off)
-    my_tails: list = field(default_factory=list)  # (seg index, [(src rank, src off, length, return off)])
+    my_tails: list = field(default_factory=list)  # (seg index, [(src rank, src off, length, return off)] parts)
     my_head_returns: list = field(default_factory=list)  # (seg index, local off, length, owner, off)
     keys: list = field(default_factory=list)  # every rank's parameter keys, in a common order
 
@@ -95,7 +99,7 @@ def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: i
     for r, segs in enumerate(layout):
         off = 0
         for i, (key, start, end, head_end, tail_end) in enumerate(segs):
-            pieces = []
+            parts = []
             pos = end
             while pos < tail_end:
                 if (key, pos) not in heads:
@@ -103,12 +107,12 @@ def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: i
                 src_rank, src_off, e, h = heads[(key, pos)]
                 if h != min(e, tail_end):
                     raise RuntimeError(f"inconsistent shard layout of parameter {key!r} at {pos}")
-                pieces.append((src_rank, src_off, h - pos, off))
+                parts.append((src_rank, src_off, h - pos, off))
                 returned[(key, pos)] = (r, off)
                 off += h - pos
                 pos = h
-            if r == rank and pieces:
-                plan.my_tails.append((i, pieces))
+            if r == rank and parts:
+                plan.my_tails.append((i, parts))
         return_lens.append(off)
     for i, (key, start, end, head_end, _) in enumerate(layout[rank]):
         if head_end > start:
@@ -125,17 +129,20 @@ def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: i
 class ShardedStepper:
     """Runs MicroAdam steps on one process group's segments; keeps the exchange plan cached.
 
-    Collective buffers sit on a device the group's backend takes (``distributed.collective_device``):
-    the parameters' own, or CUDA for CPU-offloaded parameters under NCCL.
+    ``process_group`` None is the default group; ``local=True``: this process alone (parameters no
+    other rank holds), no collectives. Collective buffers sit on a device the group's backend takes
+    (``distributed.collective_device``): the parameters' own, or CUDA for CPU-offloaded parameters
+    under NCCL.
     """
 
-    def __init__(self, process_group=None):
+    def __init__(self, process_group=None, *, local: bool = False):
         self.process_group = process_group
+        self.local = local
         self._plan_key = None
         self._plan: _Plan | None = None
 
     def _world(self) -> tuple[int, int]:
-        if not dist.is_available() or not dist.is_initialized():
+        if self.local or not dist.is_available() or not dist.is_initialized():
             return 0, 1
         return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
 
@@ -174,18 +181,17 @@ class ShardedStepper:
         rank, world = self._world()
         param_device = segments[0].param.device if segments else torch.device("cpu")
         device = collective_device(self.process_group, param_device) if world > 1 else param_device
-        plan, probe, skipped = self._agree(segments, states, world, device)
-        if skipped:
-            segments = [replace(seg, grad=None) if seg.key in skipped else seg for seg in segments]
+        plan, skipped, probes = self._agree(segments, states, world, device)
         for seg in segments:
-            if seg.grad is None:
-                continue
-            state = states.setdefault(seg.key, {})
-            if not state:  # filled in place: callers may pass their own (empty) dicts
-                b0, b1 = seg.owned_blocks()
-                state.update(init_state(seg.geometry, seg.group["window_size"], b0, b1, seg.param.device))
-        if probe:
-            return []
+            if seg.grad is not None and seg.key not in skipped:
+                state = states.setdefault(seg.key, {})
+                if not state:  # filled in place: callers may pass their own (empty) dicts
+                    state.update(seg.state_layout().zeros(seg.param.device))
+        idle = skipped | probes
+        if idle:
+            if set(plan.keys) <= idle:  # nothing steps on any rank: no exchange either
+                return sorted(skipped, key=plan.keys.index)
+            segments = [replace(seg, grad=None) if seg.key in idle else seg for seg in segments]
 
         # 1. heads out
         send = torch.zeros(plan.send_len, dtype=torch.float32, device=device)
@@ -243,28 +249,40 @@ class ShardedStepper:
         dist.all_gather(out, t, group=self.process_group)
         return out
 
-    def _agree(self, segments, states, world, device) -> tuple[_Plan, bool, set]:
-        """The decisions all ranks must share, in one all-reduce of a fixed size: must the
-        exchange plan be rebuilt (some rank's layout changed), is this the state-creating probe
-        (lr 0, zero gradients, empty state), does some gradient hold a NaN or an infinity. Only
-        then, and on every rank together, which parameters those are (a second all-reduce)."""
-        fresh = [s for s in segments if s.grad is not None and not states.get(s.key)]
-        not_probe = any(s.group["lr"] != 0 or any_nonzero(s.grad, 1 << 20) for s in fresh)
-        bad = {s.key for s in segments if s.grad is not None and not all_finite(s.grad, 1 << 20)}
+    def _agree(self, segments, states, world, device) -> tuple[_Plan, set, set]:
+        """The decisions all ranks must share: the exchange plan (rebuilt when some rank's layout
+        changed), the parameters whose gradient holds a NaN or an infinity on some rank (skipped:
+        nothing changes), and the *probes*: parameters without state whose group has lr 0 and whose
+        gradient is zero on every rank (the state-creating step torch.distributed.checkpoint runs:
+        state is created, nothing else changes). One all-reduce of a fixed size decides whether
+        anything is to look at; only then (first steps, non-finite gradients), on every rank
+        together, a second one says which parameters."""
+        stepping = [s for s in segments if s.grad is not None]
+        fresh = [s for s in stepping if not states.get(s.key)]
+        bad = {s.key for s in stepping if not all_finite(s.grad, 1 << 20)}
+        # a fresh parameter that is no probe here: lr > 0 or a non-zero gradient piece
+        live = {s.key for s in fresh if s.group["lr"] != 0 or (s.key not in bad and any_nonzero(s.grad, 1 << 20))}
         stale = self._plan is None or self._layout(segments) != self._plan_key
         if world == 1:
-            return self.plan(segments, replan=stale), bool(fresh) and not not_probe, bad
-        flags = torch.tensor([int(stale), int(bool(fresh)), int(not_probe), int(bool(bad))], dtype=torch.int64)
-        flags = flags.to(device)
+            plan = self.plan(segments, replan=stale)
+            return plan, bad, {s.key for s in fresh} - live - bad
+        flags = torch.tensor([int(stale), int(bool(fresh)), int(bool(bad))], dtype=torch.int64).to(device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
-        stale, fresh, not_probe, any_bad = flags.tolist()
+        stale, any_fresh, any_bad = flags.tolist()
         plan = self.plan(segments, replan=bool(stale))
-        skipped = set()
-        if any_bad:
-            per_key = torch.zeros(len(plan.keys), dtype=torch.int64)
-            for key in bad:
-                per_key[plan.keys.index(key)] = 1
-            per_key = per_key.to(device)
-            dist.all_reduce(per_key, op=dist.ReduceOp.MAX, group=self.process_group)
-            skipped = {key for key, flag in zip(plan.keys, per_key.tolist()) if flag}
-        return plan, bool(fresh) and not bool(not_probe), skipped
+        if not (any_fresh or any_bad):
+            return plan, set(), set()
+        # per parameter: [non-finite somewhere, fresh somewhere, not a probe somewhere]
+        per_key = torch.zeros(len(plan.keys), 3, dtype=torch.int64)
+        fresh_keys = {s.key for s in fresh}
+        for i, key in enumerate(plan.keys):
+            per_key[i] = torch.tensor([key in bad, key in fresh_keys, key in live])
+        per_key = per_key.to(device)
+        dist.all_reduce(per_key, op=dist.ReduceOp.MAX, group=self.process_group)
+        skipped, probes = set(), set()
+        for key, (is_bad, is_fresh, is_live) in zip(plan.keys, per_key.tolist()):
+            if is_bad:
+                skipped.add(key)
+            elif is_fresh and not is_live:
+                probes.add(key)
+        return plan, skipped, probes

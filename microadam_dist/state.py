@@ -117,12 +117,17 @@ class StateLayout:
               hint: str = "it was saved for another model, geometry or layout") -> None:
         """Raise ``error`` unless ``st`` holds exactly the five fields with their dtypes and this
         range's shapes (flat form, or row form with ``rows``); ``what`` names it in the message."""
-        expected = self.row_shapes() if rows else self.flat_shapes()
-        if not isinstance(st, dict) or set(st) != set(expected):
+        self.check_shapes(st, self.row_shapes() if rows else self.flat_shapes(), what, error=error, hint=hint)
+
+    @staticmethod
+    def check_shapes(st, shapes: dict, what: str, *, error: type[Exception] = ValueError,
+                     hint: str = "it was saved for another model, geometry or layout") -> None:
+        """``check`` against explicit shapes (the packed form's, for instance)."""
+        if not isinstance(st, dict) or set(st) != set(shapes):
             keys = sorted(st) if isinstance(st, dict) else type(st).__name__
-            raise error(f"{what} has keys {keys}, expected MicroAdam's {sorted(expected)}: is this another "
+            raise error(f"{what} has keys {keys}, expected MicroAdam's {sorted(shapes)}: is this another "
                         "optimizer's checkpoint?")
-        for key, shape in expected.items():
+        for key, shape in shapes.items():
             value = st[key]
             if not isinstance(value, torch.Tensor):
                 raise error(f"state {key!r} of {what} is a {type(value).__name__}, expected a tensor")

@@ -42,6 +42,7 @@ class RunResult:
     num_params: int  # in the whole model
     seconds: float
     tokens_per_second: float
+    engine: str  # how the model was trained, e.g. "FSDP2", "DeepSpeed ZeRO-2"
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -295,8 +296,12 @@ def train_one(name: str, args, device) -> RunResult:
     tokens = max(1, stop - start_step) * args.batch_size * args.context
     local_bytes = optimizer_state_bytes(opt if opt is not None else model.basic_optimizer)
     total_bytes = round(mean_across_ranks(local_bytes) * world()[1])
+    if opt is None:
+        how = f"DeepSpeed ZeRO-{model.zero_optimization_stage()}"
+    else:
+        how = "FSDP2" if dist.is_initialized() else "one process"
     result = RunResult(name, losses, evaluate(model, val, args, device), local_bytes, total_bytes, n, seconds,
-                       tokens / max(seconds, 1e-9))
+                       tokens / max(seconds, 1e-9), how)
     if opt is None:
         model.destroy()  # DeepSpeed's autograd hooks would keep the engine, and its groups, alive
     if args.out and world()[0] == 0:
@@ -318,7 +323,7 @@ def parse_args(argv=None):
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--engine", choices=["fsdp", "deepspeed"], default="fsdp",
                     help="FSDP2 fully_shard (default) or DeepSpeed ZeRO (--deepspeed-config)")
-    ap.add_argument("--deepspeed-config", default="configs/ds_zero2.json",
+    ap.add_argument("--deepspeed-config", "--deepspeed_config", default="configs/ds_zero2.json",
                     help="DeepSpeed JSON for --engine deepspeed; batch, lr, clipping and scheduler come from this job")
     ap.add_argument("--optimizers", nargs="+", default=["microadam", "adamw"], choices=["microadam", "adamw"])
     ap.add_argument("--lr-microadam", type=float, default=2e-3,
@@ -335,6 +340,7 @@ def parse_args(argv=None):
                     help="resume from --save when it holds a complete checkpoint (for restarted jobs)")
     ap.add_argument("--out", default=None, help="directory for the loss histories (JSON)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's launcher
     args = ap.parse_args(argv)
     if args.config:
         defaults = json.loads(Path(args.config).read_text())
@@ -384,7 +390,7 @@ def report(results: list[RunResult], args, size: int) -> None:
         window = slice(max(0, s - every + 1), s + 1)
         print(f"{s + 1:>6} " + " ".join(f"{sum(r.losses[window]) / len(r.losses[window]):>10.4f}" for r in results))
     print(f"\n{'optimizer':<10} {'val loss':>9} {'state bytes':>12} {'rank 0':>12} {'bytes/param':>12} "
-          f"{'tokens/s':>9} {'seconds':>8}   (world size {size})")
+          f"{'tokens/s':>9} {'seconds':>8}   (world size {size}, {results[0].engine})")
     for r in results:
         print(f"{r.name:<10} {r.val_loss:>9.4f} {r.state_bytes_total:>12,} {r.state_bytes:>12,} "
               f"{r.state_bytes_total / r.num_params:>12.3f} {r.tokens_per_second:>9.0f} {r.seconds:>8.1f}")

@@ -118,7 +118,7 @@ def p1_worker(rank, world, cases, out_dir):
     """cases: [(label, stage, dtype, path, extra config)]; saves each run's fp32 master parameters,
     canonical state, wrapper type and how many of this rank's pieces start mid-block."""
     torch.set_num_threads(1)  # 2-3 processes share 2 cores
-    from microadam_dist.deepspeed_zero import ZeroAdapter, gather_canonical_state
+    from microadam_dist.deepspeed_zero import ZeroEngine, gather_canonical_state
 
     results = {}
     for label, stage, dtype, path, extra in cases:
@@ -134,8 +134,8 @@ def p1_worker(rank, world, cases, out_dir):
             loss = engine([g.clone() for g in p1_grads(t)])
             engine.backward(loss)
             engine.step()
-        adapter = opt.engine_adapter
-        assert isinstance(adapter, ZeroAdapter) and adapter.zero is not None, label
+        adapter = opt.engine
+        assert isinstance(adapter, ZeroEngine) and adapter.zero is not None, label
         straddles = 0
         for part in adapter.partitions.values():
             straddles += sum(seg.head()[1] > seg.start for seg in adapter._segments(part, opt.param_groups[0]))

@@ -150,7 +150,7 @@ def test_checkpoint_resumes_bitwise_and_loads_at_another_world_size(tmp_path):
 def test_registration_and_use_without_deepspeed():
     """torch.optim.MicroAdam is what the JSON config builds; outside DeepSpeed it is plain MicroAdam."""
     from microadam_dist import MicroAdam
-    from microadam_dist.deepspeed_zero import (DeepSpeedMicroAdam, MicroAdamCheckpointError, ZeroAdapter,
+    from microadam_dist.deepspeed_zero import (DeepSpeedMicroAdam, MicroAdamCheckpointError, ZeroEngine,
                                                register_with_torch_optim)
 
     register_with_torch_optim()
@@ -169,7 +169,7 @@ def test_registration_and_use_without_deepspeed():
             opt.step()
         runs.append((params, opt.state_dict(), opt))
     (p0, sd0, _), (p1, sd1, opt1) = runs
-    assert isinstance(opt1.engine_adapter, ZeroAdapter)
+    assert isinstance(opt1.engine, ZeroEngine)
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))
     for i, st in sd0["state"].items():
         assert all(torch.equal(st[k], sd1["state"][i][k]) for k in st)
@@ -199,10 +199,10 @@ def test_deepspeed_launcher_with_hostfile():
     env = {**os.environ, "MASTER_PORT": str(free_port()), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "DS_ACCELERATOR": "cpu", "CONFIG": "configs/ds_zero3.json"}
     out = subprocess.run(["bash", str(ROOT / "launch/deepspeed_hostfile.sh"), "--steps", "2", "--width", "32",
-                          "--context", "16", "--layers", "1", "--quiet"],
+                          "--context", "16", "--layers", "1", "--quiet", "--optimizers", "microadam"],
                          env=env, capture_output=True, text=True, timeout=220)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "done: 2 steps, world size 2, ZeRO stage 3" in out.stdout, out.stdout[-3000:]
+    assert "(world size 2, DeepSpeed ZeRO-3)" in out.stdout, out.stdout[-3000:]
 
 
 @pytest.mark.timeout(240)

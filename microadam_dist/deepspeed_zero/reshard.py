@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DIGESTS, CheckpointError, DeepSpeedCheckpoint, atomic_directory, seal
+from ..checkpoint import DIGESTS, CheckpointError, DeepSpeedCheckpoint, atomic_directory, seal
 
 #: config entries the stand-in engine must not take from the saved config
 _DROPPED = ("optimizer", "scheduler", "train_batch_size")
@@ -45,7 +45,7 @@ def reshard_deepspeed(src, out, world_size: int, *, overwrite: bool = False) -> 
     to ``out`` as DeepSpeed writes it at ``world_size`` ranks: ``out/latest``, ``out/<tag>/``."""
     import torch.multiprocessing as mp
 
-    from .distributed import free_port
+    from ..distributed import free_port
 
     src = Path(src)
     root, tag_dir = _source(src)
@@ -113,11 +113,11 @@ def _worker(rank: int, world: int, port: int, tag_dir: str, out: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from . import deepspeed_zero as dz
+    from . import DeepSpeedMicroAdam, attach, load_canonical, skip_cpu_shm_build
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        dz.skip_cpu_shm_build()
+        skip_cpu_shm_build()
         ckpt = DeepSpeedCheckpoint(Path(tag_dir))
         saved = _model_states(Path(tag_dir))
         names = _order(ckpt)
@@ -131,10 +131,10 @@ def _worker(rank: int, world: int, port: int, tag_dir: str, out: str) -> None:
         cfg["zero_allow_untested_optimizer"] = True
         if (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none") != "none":
             cfg["zero_force_ds_cpu_optimizer"] = False
-        optimizer = dz.DeepSpeedMicroAdam(groups, **{k: v for k, v in groups[0].items() if k != "params"})
+        optimizer = DeepSpeedMicroAdam(groups, **{k: v for k, v in groups[0].items() if k != "params"})
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
-        dz.attach(engine)
-        dz.load_canonical(engine, ckpt)
+        attach(engine)
+        load_canonical(engine, ckpt)
         engine.global_steps = int(saved.get("global_steps", 0))
         engine.save_checkpoint(out, tag=Path(tag_dir).name)
         dist.barrier()

@@ -1,19 +1,18 @@
-"""FSDP2 (``fully_shard``) parameters: DTensors sharded on dim 0, and their checkpointable state.
+"""DTensor parameters (FSDP2 ``fully_shard``, HSDP): their local segment and their checkpointable state.
 
-A DTensor parameter's local shard is a contiguous range of its global flat index: whole rows for
-parameters of 2 or more dimensions (so whole blocks: no communication), any range for 1-D ones
-(``sharded.ShardedStepper`` exchanges the few elements of blocks that straddle two ranks).
+A DTensor parameter sharded on dim 0 holds a contiguous range of its global flat index on each rank:
+whole rows for parameters of 2 or more dimensions (so whole blocks: no communication), any range for
+1-D ones (``sharded.ShardedStepper`` exchanges the few elements of blocks that straddle two ranks).
 
-For ``torch.distributed.checkpoint`` the state is exported in the canonical *row form*
-(``functional.canonical_shapes``) as DTensors: sharded on the row dimension exactly like the
+For ``torch.distributed.checkpoint`` the state is exported in the row form
+(``state.StateLayout.row_shapes``) as DTensors: sharded on the row dimension exactly like the
 parameter for 2-D+ parameters, so DCP saves each row's state once and reshards it natively; and
-gathered and replicated for 1-D parameters (their blocks are owned by the rank holding their
-first element, which is not how DTensor cuts a dimension; 1-D parameters are small).
+gathered and replicated for 1-D parameters (their blocks are owned by the rank holding their first
+element, which is not how DTensor cuts a dimension; 1-D parameters are small). Window indices are
+exported as int32 (``state.EXPORT_INDEX_DTYPE``) and narrowed back on import.
 
-The window indices are exported as int32 (their int16 values, widened): full state dicts
-(``StateDictOptions(full_state_dict=True)``) all-gather, scatter and broadcast every DTensor, and
-neither gloo nor NCCL has int16 collectives. Import narrows them back, so DCP checkpoints written
-with int16 indices (before this) load as well.
+``engine.ParamsEngine`` imports this module only once it sees a DTensor (``engine.is_dtensor``), so
+``import microadam_dist`` does not pay for ``torch.distributed.tensor`` (over a second).
 """
 
 from __future__ import annotations
@@ -26,13 +25,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .distributed import collective_device
-from .functional import STATE_DTYPES, from_row_form, to_row_form
 from .geometry import Geometry
 from .sharded import Segment
-
-
-def is_dtensor(t: torch.Tensor) -> bool:
-    return isinstance(t, DTensor)
+from .state import StateLayout, narrow_indices, widen_indices
 
 
 def shard_mesh_dim(p: DTensor) -> int | None:
@@ -68,41 +63,21 @@ def dtensor_segment(p: DTensor, key, geometry: Geometry, group: dict):
     return Segment(key=key, geometry=geometry, start=start, param=local_flat(p), grad=grad, group=group), pg
 
 
-def _local_block_range(p: DTensor, geometry: Geometry) -> tuple[int, int]:
-    seg, _ = dtensor_segment(p, None, geometry, {})
-    return seg.owned_blocks()
+def _local_layout(p: DTensor, geometry: Geometry, window_size: int) -> StateLayout:
+    """The state this rank keeps for ``p``: its owned blocks."""
+    seg, _ = dtensor_segment(p, None, geometry, {"window_size": window_size})
+    return seg.state_layout()
 
 
 def _rows_sharded(p: DTensor) -> bool:
     return p.dim() >= 2 and shard_mesh_dim(p) is not None
 
 
-#: the dtype window indices are exported in (a collective-friendly one; see the module docstring)
-EXPORT_INDEX_DTYPE = torch.int32
-
-
-def _widen(rows: dict) -> dict:
-    return {**rows, "window_idx": rows["window_idx"].to(EXPORT_INDEX_DTYPE)}
-
-
-def narrow_saved(st: dict) -> dict:
-    """Saved row-form state with exported (int32) window indices narrowed to the state's int16."""
-    idx = st.get("window_idx") if isinstance(st, dict) else None
-    if isinstance(idx, torch.Tensor) and idx.dtype == EXPORT_INDEX_DTYPE:
-        local = idx.to_local() if is_dtensor(idx) else idx
-        info = torch.iinfo(STATE_DTYPES["window_idx"])
-        if local.numel() and (int(local.min()) < info.min or int(local.max()) > info.max):
-            raise ValueError(f"window indices out of the int16 range ({int(local.min())}..{int(local.max())}): "
-                             "the saved state is damaged")
-        return {**st, "window_idx": idx.to(STATE_DTYPES["window_idx"])}  # elementwise: no collective
-    return st
-
-
 def export_state(p: DTensor, state: dict, geometry: Geometry, window_size: int) -> dict:
     """The canonical row form of a DTensor parameter's state, as DTensors DCP can place."""
     mesh, mesh_dim = p.device_mesh, shard_mesh_dim(p)
     if _rows_sharded(p):
-        local = _widen(to_row_form(state, geometry, window_size, rows=p.to_local().shape[0]))
+        local = widen_indices(_local_layout(p, geometry, window_size).to_rows(state))
         out = {"step": state["step"]}
         for key, value in local.items():
             if key == "step":
@@ -122,7 +97,7 @@ def export_state(p: DTensor, state: dict, geometry: Geometry, window_size: int) 
         for key, value in state.items():
             if key != "step":
                 full[key] = _gather_cat(value, dim=1 if key.startswith("window") else 0, group=pg)
-    rows = _widen(to_row_form(full, geometry, window_size, rows=geometry.rows))
+    rows = widen_indices(StateLayout(geometry, window_size).to_rows(full))
     return {key: value if key == "step" else
             DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
             for key, value in rows.items()}
@@ -131,18 +106,12 @@ def export_state(p: DTensor, state: dict, geometry: Geometry, window_size: int) 
 def import_state(p: DTensor, saved: dict, geometry: Geometry, window_size: int) -> dict:
     """Internal (flat, local) state of a DTensor parameter from its saved row form."""
     values = {}
-    for key, value in narrow_saved(saved).items():
+    for key, value in narrow_indices(saved).items():
         if isinstance(value, DTensor):
             value = value.to_local() if _rows_sharded(p) else value.full_tensor()
         values[key] = value
-    if _rows_sharded(p) and values["ef_codes"].shape[0] != p.to_local().shape[0]:
-        # a plain (full) row-form tensor: take this rank's rows
-        b0, b1 = _local_block_range(p, geometry)
-        return from_row_form(values, geometry, window_size, b0, b1)
-    if _rows_sharded(p):
-        return from_row_form(values, geometry, window_size, 0, None, rows=p.to_local().shape[0])
-    b0, b1 = _local_block_range(p, geometry)
-    return from_row_form(values, geometry, window_size, b0, b1)
+    # this rank's rows (a sharded DTensor's local part), or cut out of the whole state
+    return _local_layout(p, geometry, window_size).from_rows(values)
 
 
 def _gather_cat(t: torch.Tensor, dim: int, group) -> torch.Tensor:
