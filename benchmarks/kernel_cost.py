@@ -40,7 +40,8 @@ from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from microadam_dist.functional import StepConfig, init_state  # noqa: E402
+from microadam_dist.functional import StepConfig  # noqa: E402
+from microadam_dist.state import StateLayout  # noqa: E402
 from microadam_dist.geometry import geometry_for  # noqa: E402
 from microadam_dist.kernels import triton_path  # noqa: E402
 
@@ -65,7 +66,7 @@ def record_step(dtype: torch.dtype, weight_decay: float = 0.0) -> list:
     geom = geometry_for((BLOCK * BLOCKS,), BLOCK, BUCKET, DENSITY)
     param = torch.zeros(geom.numel, dtype=dtype)
     grad = torch.zeros(geom.numel, dtype=dtype)
-    state = init_state(geom, WINDOW, 0, geom.num_blocks, "cpu")
+    state = StateLayout(geom, WINDOW).zeros("cpu")
     cfg = StepConfig(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay,
                      window_size=WINDOW, step=WINDOW)  # step 10: the window is full
     launches: list = []

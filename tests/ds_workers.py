@@ -134,18 +134,18 @@ def p1_worker(rank, world, cases, out_dir):
             loss = engine([g.clone() for g in p1_grads(t)])
             engine.backward(loss)
             engine.step()
-        adapter = opt.engine
-        assert isinstance(adapter, ZeroEngine) and adapter.zero is not None, label
+        zero_engine = opt.engine
+        assert isinstance(zero_engine, ZeroEngine) and zero_engine.zero is not None, label
         straddles = 0
-        for part in adapter.partitions.values():
-            straddles += sum(seg.head()[1] > seg.start for seg in adapter._segments(part, opt.param_groups[0]))
+        for part in zero_engine.partitions.values():
+            straddles += sum(seg.head()[1] > seg.start for seg in part.segments(opt.param_groups[0]))
         names = [n for n, _ in engine.module.named_parameters()]
         state = gather_canonical_state(opt, by_name=True)
         results[label] = {
             "params": full_fp32_params(engine),
             "state": {names.index(name): st for name, st in state.items()},
             "straddles": straddles,
-            "padding": _padding(adapter),
+            "padding": _padding(zero_engine),
             "wrapper": type(engine.optimizer).__name__,
         }
     torch.save(results, f"{out_dir}/p1_rank{rank}.pt")
@@ -153,7 +153,7 @@ def p1_worker(rank, world, cases, out_dir):
 
 def _padding(adapter) -> int:
     """Elements of this rank's fp32 partitions that belong to no parameter (alignment padding)."""
-    return sum(part.flat.numel() - sum(p.numel for p in part.pieces) for part in adapter.partitions.values())
+    return sum(part.flat.numel() - sum(s.numel for s in part.slices) for part in adapter.partitions.values())
 
 
 # ---- training a small GPT from configs/ ---------------------------------------------------------
@@ -313,6 +313,7 @@ def disagreeing_layout_worker(rank, world, out_dir):
     import torch.distributed as dist
 
     import microadam_dist.deepspeed_zero as dz
+    from microadam_dist.zero_layout import LAYOUT_KEY
 
     batches = train_batches(world)
     cfg = config_from_file("ds_zero2.json")
@@ -325,7 +326,7 @@ def disagreeing_layout_worker(rank, world, out_dir):
     if rank == 0:
         path = Path(out_dir, "ckpt", "t", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
         sd = torch.load(path, map_location="cpu", weights_only=False)
-        for info in sd["optimizer_state_dict"]["base_optimizer_state"][dz.LAYOUT_KEY]["partitions"].values():
+        for info in sd["optimizer_state_dict"]["base_optimizer_state"][LAYOUT_KEY]["partitions"].values():
             assert len(info["pieces"]) > 1
             info["pieces"], info["names"] = info["pieces"][::-1], info["names"][::-1]
         torch.save(sd, path)

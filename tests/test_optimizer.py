@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from microadam_dist import MicroAdam
-from microadam_dist.functional import STATE_DTYPES
+from microadam_dist.state import DTYPES as STATE_DTYPES
 
 SMALL = dict(block_size=64, quant_bucket_size=16, density=0.05, window_size=4)
 

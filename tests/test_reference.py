@@ -10,12 +10,12 @@ from microadam_dist import MicroAdam, geometry_for
 from microadam_dist.functional import (
     StepConfig,
     dequantize_4bit,
-    init_state,
     microadam_blocks_,
     quantize_4bit,
     select_topk,
 )
 from microadam_dist.functional import _level_step
+from microadam_dist.state import StateLayout
 from naive_microadam import NaiveMicroAdam
 
 SHAPES = [(33, 70), (5,), (), (3, 4, 50), (2, 300), (130,)]
@@ -148,7 +148,7 @@ def _run_range(shape, ranges, steps, chunk):
     gen = torch.Generator().manual_seed(5)
     p = torch.randn(math.prod(shape), generator=gen)
     # one state tensor set, each range stepping on its slices (views, as an engine's flat state)
-    whole = init_state(geom, 3, 0, geom.num_blocks, "cpu")
+    whole = StateLayout(geom, 3).zeros("cpu")
     states = []
     for b0, b1 in ranges:
         (_, k0, e0, q0), (_, k1, e1, q1) = geom.block_start(b0), geom.block_start(b1)
@@ -217,7 +217,7 @@ def test_reference_state_same_on_cuda_and_cpu(dtype):
     gen = torch.Generator().manual_seed(3)
     params = {d: torch.randn(geom.numel, generator=gen).to(dtype).to(d) for d in ("cpu", "cuda")}
     params["cuda"].copy_(params["cpu"])
-    states = {d: init_state(geom, 4, 0, geom.num_blocks, d) for d in params}
+    states = {d: StateLayout(geom, 4).zeros(d) for d in params}
     for t in range(1, 11):
         g = torch.randn(geom.numel, generator=gen).to(dtype)
         cfg = StepConfig(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, window_size=4, step=t)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from microadam_dist import geometry_for
-from microadam_dist.functional import StepConfig, init_state, microadam_blocks_
+from microadam_dist.functional import StepConfig, microadam_blocks_
 from microadam_dist.sharded import Segment, ShardedStepper
+from microadam_dist.state import StateLayout
 from dist_utils import run_workers
 
 SHAPES = [(9, 150), (700,), (4, 3, 30), (), (5,), (2, 64)]
@@ -28,7 +29,7 @@ def _single(dtype, alpha=0.0):
     states = []
     for i, s in enumerate(SHAPES):
         geom = geometry_for(s, *GEO)
-        st = init_state(geom, 3, 0, geom.num_blocks, "cpu")
+        st = StateLayout(geom, 3).zeros("cpu")
         for t in range(1, STEPS + 1):
             cfg = StepConfig(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, window_size=3, step=t,
                              alpha=alpha)

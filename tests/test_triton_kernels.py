@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from microadam_dist import MicroAdam, geometry_for
-from microadam_dist.functional import StepConfig, init_state, microadam_blocks_
+from microadam_dist.functional import StepConfig, microadam_blocks_
+from microadam_dist.state import StateLayout
 
 from microadam_dist.kernels import triton_path  # noqa: E402  (triton is installed by make test)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,7 +25,7 @@ def run_both(shape, dtype, weight_decay, steps, density=0.05, block=64, bucket=1
     gen = torch.Generator().manual_seed(11)
     p_ref = torch.randn(e1 - e0, generator=gen).to(dtype).to(DEVICE)
     p_tri = p_ref.clone()
-    s_ref = init_state(geom, window, b0, b1, DEVICE)
+    s_ref = StateLayout(geom, window, b0, b1).zeros(DEVICE)
     s_tri = {k: v.clone() for k, v in s_ref.items()}
     for t in range(1, steps + 1):
         g = (grads(t, e1 - e0) if grads else torch.randn(e1 - e0, generator=gen)).to(dtype).to(DEVICE)
