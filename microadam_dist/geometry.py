@@ -5,10 +5,10 @@ depends on the device, the world size or how the parameter is sharded. See docs/
 
 A parameter is viewed as ``rows`` rows of ``row_len`` elements (row = all elements of one index
 along dim 0; a 0-D or 1-D parameter is a single row). Each row is cut into blocks of
-``block_size`` elements; the last block of a row may be shorter (the "tail" block). Blocks never
+``block_size`` elements; the last block of a row may be shorter (the *short* block). Blocks never
 cross a row boundary, so FSDP2's dim-0 shards (whole rows) never cut a block. Each block is cut
 into quantization buckets of ``quant_bucket_size`` elements (``block_size`` is a multiple of it,
-so only a tail block can end in a shorter bucket).
+so only a short block can end in a shorter bucket).
 
 Per block the state holds, in global block order:
   * ``k`` window entries per slot (block-local int16 index + bf16 value), ``k = ceil(density * n)``;
@@ -39,7 +39,7 @@ def topk_count(density: float, n: int) -> int:
 class BlockRect:
     """A rectangle of equal-length blocks: ``num_rows`` x ``num_cols`` blocks of ``block_len``.
 
-    All offsets are relative to the start of the block range the piece belongs to, and strides
+    All offsets are relative to the start of the block range the rectangle belongs to, and strides
     say how far the next row (``*_row_stride``) or the next block in a row (``*_col_stride``) is
     in each flat buffer: elements, window entries, error-feedback bytes, buckets.
     """
@@ -93,33 +93,34 @@ class Geometry:
         return self.row_len // self.block_size
 
     @functools.cached_property
-    def tail_len(self) -> int:
+    def short_len(self) -> int:
         return self.row_len % self.block_size
 
     @functools.cached_property
     def blocks_per_row(self) -> int:
-        return self.full_blocks_per_row + (1 if self.tail_len else 0)
+        return self.full_blocks_per_row + (1 if self.short_len else 0)
 
     @functools.cached_property
     def num_blocks(self) -> int:
         return self.rows * self.blocks_per_row
 
+    # every size triple here is (window entries, error-feedback bytes, buckets): the order of the state's fields
     def _block_sizes(self, n: int) -> tuple[int, int, int]:
-        """(k, buckets, ef_bytes) of a block of n elements."""
-        return topk_count(self.density, n), -(-n // self.quant_bucket_size), (n + 1) // 2
+        """(k, ef bytes, buckets) of a block of n elements."""
+        return topk_count(self.density, n), (n + 1) // 2, -(-n // self.quant_bucket_size)
 
     @functools.cached_property
     def full(self) -> tuple[int, int, int]:
         return self._block_sizes(self.block_size)
 
     @functools.cached_property
-    def tail(self) -> tuple[int, int, int]:
-        return self._block_sizes(self.tail_len) if self.tail_len else (0, 0, 0)
+    def short(self) -> tuple[int, int, int]:
+        return self._block_sizes(self.short_len) if self.short_len else (0, 0, 0)
 
     @functools.cached_property
     def per_row(self) -> tuple[int, int, int]:
-        """(window entries, buckets, error-feedback bytes) of one row."""
-        f, t, n = self.full, self.tail, self.full_blocks_per_row
+        """(window entries, error-feedback bytes, buckets) of one row."""
+        f, t, n = self.full, self.short, self.full_blocks_per_row
         return tuple(n * fi + ti for fi, ti in zip(f, t))
 
     # ---- offsets of a block boundary -----------------------------------------------------------
@@ -129,7 +130,7 @@ class Geometry:
         ``b == num_blocks`` gives the totals.
         """
         row, col = divmod(b, self.blocks_per_row)
-        (kf, qf, ef), (kr, qr, er) = self.full, self.per_row
+        (kf, ef, qf), (kr, er, qr) = self.full, self.per_row
         return (
             row * self.row_len + col * self.block_size,
             row * kr + col * kf,
@@ -187,17 +188,17 @@ class Geometry:
         nf = self.full_blocks_per_row
         for row, nrows, c0, c1 in rects:
             if c0 < nf:  # full-length blocks
-                out.append(self._piece(row, nrows, c0, min(c1, nf), self.block_size, self.full, origin))
-            if c1 > nf:  # the tail block
-                out.append(self._piece(row, nrows, nf, nf + 1, self.tail_len, self.tail, origin))
+                out.append(self._rect(row, nrows, c0, min(c1, nf), self.block_size, self.full, origin))
+            if c1 > nf:  # the short block
+                out.append(self._rect(row, nrows, nf, nf + 1, self.short_len, self.short, origin))
         return out
 
     pieces = rects  # TEMPORARY (issue 16): the old name
 
-    def _piece(self, row, nrows, c0, c1, n, sizes, origin) -> BlockRect:
-        k, buckets, ef = sizes
+    def _rect(self, row, nrows, c0, c1, n, sizes, origin) -> BlockRect:
+        k, ef, buckets = sizes
         start = self.block_start(row * self.blocks_per_row + c0)
-        kr, qr, er = self.per_row
+        kr, er, qr = self.per_row
         return BlockRect(
             num_rows=nrows, num_cols=c1 - c0, block_len=n, k=k, buckets=buckets, ef_bytes=ef,
             elem_offset=start[0] - origin[0], k_offset=start[1] - origin[1],

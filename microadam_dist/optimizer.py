@@ -158,7 +158,7 @@ class MicroAdam(torch.optim.Optimizer):
             return triton_path.microadam_blocks_triton_
 
         def auto(geometry, b0, b1, param, grad, state, cfg):
-            k = max((piece.k for piece in geometry.rects(b0, b1)), default=0)
+            k = max((rect.k for rect in geometry.rects(b0, b1)), default=0)
             fn = triton_path.microadam_blocks_triton_ if triton_path.supports(cfg.window_size, k) else microadam_blocks_
             return fn(geometry, b0, b1, param, grad, state, cfg)
 

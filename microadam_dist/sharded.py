@@ -1,13 +1,13 @@
-"""MicroAdam steps on sharded parameters: the one place where ranks exchange block pieces.
+"""MicroAdam steps on sharded parameters: the one place where ranks exchange parts of blocks.
 
 A rank holds *segments*: contiguous ranges ``[start, end)`` of a parameter's global flat index
-(a piece of a ZeRO flat partition, an FSDP shard). Blocks are owned by the rank that holds their
+(a slice of a ZeRO flat partition, an FSDP shard). Blocks are owned by the rank that holds their
 first element. A segment's *head* (its elements before its first block start) belongs to a
 block owned by an earlier rank; its *tail* (the rest of its last owned block) lives on later
 ranks. Each step:
 
   1. every rank all-gathers its heads (gradient and parameter values, fp32);
-  2. owners append the tail pieces they need and run ``functional.microadam_blocks_`` on their
+  2. owners append the tail parts they need and run ``functional.microadam_blocks_`` on their
      owned blocks, exactly as a single process would;
   3. owners all-gather the updated tail values back, and every rank writes its head.
 
@@ -174,7 +174,7 @@ class ShardedStepper:
              blocks_fn=microadam_blocks_) -> list[Hashable]:
         """One step of every segment; ``blocks_fn`` is the reference or the Triton path.
 
-        Returns the keys of the parameters skipped because some rank's gradient piece held a NaN
+        Returns the keys of the parameters skipped because some rank's part of the gradient held a NaN
         or an infinity (all ranks skip them together: state, step count and values unchanged).
         Step counts advance only once a parameter's step has been applied.
         """
@@ -218,9 +218,9 @@ class ShardedStepper:
             lo, hi = e0 - seg.start, min(e1, seg.end) - seg.start
             param, grad = seg.param[lo:hi], seg.grad[lo:hi]
             if i in tails:
-                pieces = tails[i]
-                param = torch.cat([param] + [gathered[r][o + n:o + 2 * n].to(param.dtype) for r, o, n, _ in pieces])
-                grad = torch.cat([grad] + [gathered[r][o:o + n].to(grad.dtype) for r, o, n, _ in pieces])
+                parts = tails[i]
+                param = torch.cat([param] + [gathered[r][o + n:o + 2 * n].to(param.dtype) for r, o, n, _ in parts])
+                grad = torch.cat([grad] + [gathered[r][o:o + n].to(grad.dtype) for r, o, n, _ in parts])
             cfg = StepConfig.from_group(seg.group, step=int(state["step"]) + 1, chunk_elements=chunk_elements)
             blocks_fn(seg.geometry, b0, b1, param, grad, state, cfg)
             state["step"] += 1
@@ -236,9 +236,9 @@ class ShardedStepper:
         return sorted(skipped, key=plan.keys.index)
 
     @staticmethod
-    def _fill_returns(ret, pieces, gathered, param):
+    def _fill_returns(ret, parts, gathered, param):
         pos = 0
-        for r, o, n, dst in pieces:
+        for r, o, n, dst in parts:
             ret[dst:dst + n] = gathered[r][o + n:o + 2 * n] if param is None else param[pos:pos + n]
             pos += n
 
@@ -260,7 +260,7 @@ class ShardedStepper:
         stepping = [s for s in segments if s.grad is not None]
         fresh = [s for s in stepping if not states.get(s.key)]
         bad = {s.key for s in stepping if not all_finite(s.grad, 1 << 20)}
-        # a fresh parameter that is no probe here: lr > 0 or a non-zero gradient piece
+        # a fresh parameter that is no probe here: lr > 0 or a non-zero part of the gradient
         live = {s.key for s in fresh if s.group["lr"] != 0 or (s.key not in bad and any_nonzero(s.grad, 1 << 20))}
         stale = self._plan is None or self._layout(segments) != self._plan_key
         if world == 1:

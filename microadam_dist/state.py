@@ -17,7 +17,7 @@ value type: it builds, checks, slices, joins and installs such state. Three form
   one entry per parameter row, ``window_* [m, rows, k_row]``, ``ef_codes [rows, e_row]``,
   ``ef_stats [rows, q_row, 2]``, so a checkpoint can be cut or joined at any row, like the
   parameter;
-* the *packed* form of several layouts side by side (a DeepSpeed ZeRO partition holds pieces of
+* the *packed* form of several layouts side by side (a DeepSpeed ZeRO partition holds slices of
   many parameters): each field concatenated, ``step`` a vector (:func:`packed_shapes`,
   :func:`packed_views`).
 """
@@ -83,7 +83,7 @@ class StateLayout:
     def row_shapes(self) -> dict[str, tuple]:
         """Shapes of the range in row form (it must cover whole rows)."""
         rows = self._whole_rows()
-        (k_row, q_row, e_row), m = self.geometry.per_row, self.window_size
+        (k_row, e_row, q_row), m = self.geometry.per_row, self.window_size
         return {"step": (), "window_idx": (m, rows, k_row), "window_val": (m, rows, k_row),
                 "ef_codes": (rows, e_row), "ef_stats": (rows, q_row, 2)}
 

@@ -52,7 +52,8 @@ class ZeroSlice:
 
 
 def describe_partition(rank: int, world: int, slices: list[ZeroSlice], names: list[str | None]) -> dict:
-    """The entry of one partition in the layout MicroAdam saves."""
+    """The entry of one partition in the layout MicroAdam saves (its slices under the on-disk key
+    "pieces", the name checkpoints written before the rename carry)."""
     return {"rank": rank, "world_size": world, "pieces": [s.describe() for s in slices], "names": list(names)}
 
 

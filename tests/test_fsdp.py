@@ -17,7 +17,7 @@ HP = dict(lr=1e-2, weight_decay=0.1, window_size=3, density=0.05, block_size=64,
 
 
 class Net(nn.Module):
-    """Parameters chosen to be awkward: rows longer than a block (ragged tail blocks), fewer rows
+    """Parameters chosen to be awkward: rows longer than a block (ragged short blocks), fewer rows
     than ranks (empty shards), uneven row counts, and 1-D parameters cut inside blocks."""
 
     def __init__(self):

@@ -46,7 +46,7 @@ def test_row_form_round_trip_and_shapes(geo):
     layout = StateLayout(geom, WINDOW)
     st = _random_state(layout)
     rows = layout.to_rows(st)
-    k_row, q_row, e_row = geom.per_row
+    k_row, e_row, q_row = geom.per_row
     assert tuple(rows["window_idx"].shape) == (WINDOW, geom.rows, k_row)
     assert tuple(rows["ef_codes"].shape) == (geom.rows, e_row) and tuple(rows["ef_stats"].shape) == (geom.rows, q_row, 2)
     assert rows["window_val"].data_ptr() == st["window_val"].data_ptr()  # views, no copy

@@ -118,7 +118,7 @@ def test_topk_fast_path_and_fallback(case):
 
 @pytest.mark.parametrize("block, bucket", [(60, 12), (75, 25), (64, 1), (64, 2), (64, 64)])
 def test_bucket_sizes(block, bucket):
-    """Even buckets take the [buckets, bucket size] kernel (12 padded to 16 columns; the tail block
+    """Even buckets take the [buckets, bucket size] kernel (12 padded to 16 columns; the short block
     of 36 shorter than its bucket of 64 as one row), odd ones the one-row kernel."""
     run_both((4, 100), torch.bfloat16, 0.1, steps=4, block=block, bucket=bucket)
 
