@@ -79,8 +79,8 @@ def roofline_rows(sizes, dtypes, repeats) -> list[str]:
         for n in map(int, sizes):
             x = torch.randn(n, device="cuda", dtype=DTYPES[name])
             y = torch.empty_like(x)
-            copy = time_ms(lambda: y.copy_(x), repeats)
-            total = time_ms(lambda: x.sum(), repeats)
+            copy = time_ms(lambda x=x, y=y: y.copy_(x), repeats)
+            total = time_ms(lambda x=x: x.sum(), repeats)
             gbs = 2 * x.numel() * x.element_size() / (copy[0] / 1e3) / 1e9
             rows.append(f"| {name} | {n:,} | {fmt(copy)} | {fmt(total)} | {gbs:.0f} |")
             print(rows[-1], flush=True)
@@ -153,10 +153,10 @@ def main(argv=None):
             p = torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dtype))
             p.grad = torch.randn_like(p)
             times = {}
-            for label, make in [("fused", lambda: torch.optim.AdamW([p], lr=1e-5, fused=True)),
-                                ("foreach", lambda: torch.optim.AdamW([p], lr=1e-5, foreach=True)),
-                                ("triton", lambda: MicroAdam([p], lr=1e-5, backend="triton")),
-                                ("torch", lambda: MicroAdam([p], lr=1e-5, backend="torch"))]:
+            for label, make in [("fused", lambda p=p: torch.optim.AdamW([p], lr=1e-5, fused=True)),
+                                ("foreach", lambda p=p: torch.optim.AdamW([p], lr=1e-5, foreach=True)),
+                                ("triton", lambda p=p: MicroAdam([p], lr=1e-5, backend="triton")),
+                                ("torch", lambda p=p: MicroAdam([p], lr=1e-5, backend="torch"))]:
                 if label == "torch" and n > args.reference_max:
                     times[label] = None
                     continue

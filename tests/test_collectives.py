@@ -148,6 +148,7 @@ def _stale_plan_on_one_rank(rank, world):
     still call the same collectives, and the step must equal that of a stepper that never lost it."""
     reference, stepper = ShardedStepper(), ShardedStepper()
     states_ref, states = {}, {}
+    ref_param = param = None
     for step in range(4):
         if step == 2 and rank == 0:
             stepper._plan_key = None  # e.g. a rank that rebuilt its stepper
