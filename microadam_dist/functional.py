@@ -278,17 +278,17 @@ def any_nonzero(t: torch.Tensor, chunk_elements: int) -> bool:
     return any(bool(c.any()) for c in t.reshape(-1).split(chunk_elements))
 
 
-def all_finite(t: torch.Tensor, chunk_elements: int) -> bool:
-    """No NaN or infinity in t, with no temporary the size of t.
+def nonfinite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Per tensor, whether it holds a NaN or an infinity: a bool tensor on their device, with no
+    host sync and no temporary the size of a tensor.
 
-    One reduction decides the usual case (a NaN or an infinity makes the sum non-finite, and a
-    finite sum proves there is none; one host sync on a GPU); only a non-finite sum, which a huge
-    but finite gradient can also give, is checked chunk by chunk. The sum keeps t's dtype:
-    ``sum(dtype=float32)`` of a bf16 tensor first copies all of it to fp32 on the CPU.
+    The max-magnitude norm propagates NaN and infinity and, unlike a sum, cannot overflow on finite
+    values, so it is exact; one multi-tensor launch covers all of them on a GPU.
     """
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(chunk_elements))
+    if not tensors:
+        return torch.zeros(0, dtype=torch.bool)
+    norms = torch._foreach_norm([t if t.numel() else t.new_zeros(1) for t in tensors], ord=float("inf"))
+    return ~torch.isfinite(torch.stack([n.float() for n in norms]))
 
 
 def window_weights(cfg: StepConfig, device) -> tuple[int, int, torch.Tensor, torch.Tensor]:

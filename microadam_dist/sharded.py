@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .distributed import collective_device
-from .functional import StepConfig, all_finite, any_nonzero, microadam_blocks_
+from .functional import StepConfig, any_nonzero, microadam_blocks_, nonfinite_flags
 from .geometry import Geometry
 from .state import StateLayout
 
@@ -255,23 +255,27 @@ class ShardedStepper:
         nothing changes), and the *probes*: parameters without state whose group has lr 0 and whose
         gradient is zero on every rank (the state-creating step torch.distributed.checkpoint runs:
         state is created, nothing else changes). One all-reduce of a fixed size decides whether
-        anything is to look at; only then (first steps, non-finite gradients), on every rank
-        together, a second one says which parameters."""
+        anything is to look at (its result is the step's one read of device values on the host);
+        only then (first steps, non-finite gradients), on every rank together, a second one says
+        which parameters."""
         stepping = [s for s in segments if s.grad is not None]
         fresh = [s for s in stepping if not states.get(s.key)]
-        bad = {s.key for s in stepping if not all_finite(s.grad, 1 << 20)}
-        # a fresh parameter that is no probe here: lr > 0 or a non-zero part of the gradient
-        live = {s.key for s in fresh if s.group["lr"] != 0 or (s.key not in bad and any_nonzero(s.grad, 1 << 20))}
+        # on the gradients' device: the usual step reads the flags back once (the all-reduce's result)
+        nonfinite = nonfinite_flags([s.grad for s in stepping])
         stale = self._plan is None or self._layout(segments) != self._plan_key
         if world == 1:
             plan = self.plan(segments, replan=stale)
-            return plan, bad, {s.key for s in fresh} - live - bad
-        flags = torch.tensor([int(stale), int(bool(fresh)), int(bool(bad))], dtype=torch.int64).to(device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
-        stale, any_fresh, any_bad = flags.tolist()
+            bad = {s.key for s, flag in zip(stepping, nonfinite.tolist()) if flag}
+            return plan, bad, {s.key for s in fresh} - self._live(fresh, bad) - bad
+        local = torch.stack([torch.tensor(stale).to(nonfinite.device), torch.tensor(bool(fresh)).to(nonfinite.device),
+                             nonfinite.any()]).to(device, torch.int64)
+        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.process_group)
+        stale, any_fresh, any_bad = local.tolist()
         plan = self.plan(segments, replan=bool(stale))
         if not (any_fresh or any_bad):
             return plan, set(), set()
+        bad = {s.key for s, flag in zip(stepping, nonfinite.tolist()) if flag}
+        live = self._live(fresh, bad)
         # per parameter: [non-finite somewhere, fresh somewhere, not a probe somewhere]
         per_key = torch.zeros(len(plan.keys), 3, dtype=torch.int64)
         fresh_keys = {s.key for s in fresh}
@@ -286,3 +290,8 @@ class ShardedStepper:
             elif is_fresh and not is_live:
                 probes.add(key)
         return plan, skipped, probes
+
+    @staticmethod
+    def _live(fresh: list[Segment], bad: set) -> set:
+        """Fresh parameters that are no probe here: lr > 0, or a non-zero part of the gradient."""
+        return {s.key for s in fresh if s.group["lr"] != 0 or (s.key not in bad and any_nonzero(s.grad, 1 << 20))}

@@ -1,5 +1,7 @@
 """A NaN or an infinity in a gradient never reaches the optimizer state (policy: skip or raise)."""
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -102,12 +104,20 @@ def test_nonfinite_on_one_rank_is_skipped_by_all_ranks(tmp_path):
 
 
 def test_huge_finite_gradient_is_not_mistaken_for_an_overflow():
-    """The finiteness check sums the gradient first; a sum that overflows although every value is
-    finite must not skip the step."""
-    from microadam_dist.functional import all_finite
+    """A gradient whose sum overflows although every value is finite must not skip the step: the
+    check is the max-magnitude norm, which cannot overflow, and it sees NaN and infinities."""
+    from microadam_dist.functional import nonfinite_flags
 
     g = torch.full((1000,), 3e38)
-    assert not bool(torch.isfinite(g.sum()))  # the fast path's sum overflows ...
-    assert all_finite(g, 64)  # ... and the exact check sees only finite values
+    assert not bool(torch.isfinite(g.sum()))  # a sum overflows ...
+    empty, bf16 = torch.zeros(0), torch.tensor([1.0, 3e38], dtype=torch.bfloat16)
+    assert nonfinite_flags([g, empty, bf16]).tolist() == [False, False, False]  # ... the check does not
     g[500] = float("nan")
-    assert not all_finite(g, 64) and not all_finite(torch.tensor([1.0, float("-inf")]), 64)
+    assert nonfinite_flags([g, torch.tensor([1.0, float("-inf")]), bf16]).tolist() == [True, True, False]
+    p = torch.nn.Parameter(torch.zeros(1000))
+    p.grad = torch.full((1000,), 3e38)
+    opt = MicroAdam([p], lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skip would warn
+        opt.step()
+    assert opt.nonfinite_skips == 0 and int(opt.state[p]["step"]) == 1
