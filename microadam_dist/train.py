@@ -30,6 +30,7 @@ from .data import get_batch, split_corpus
 from .distributed import collective_device, destroy_process_group, init_process_group
 from .models import GPT, GPTConfig
 from .optimizer import MicroAdam
+from .state import state_nbytes
 
 
 @dataclass
@@ -46,16 +47,8 @@ class RunResult:
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer state held by this rank (local shards of DTensors)."""
-    if isinstance(opt, MicroAdam):
-        return opt.state_bytes()
-    total = 0
-    for st in opt.state.values():
-        for t in st.values():
-            if isinstance(t, torch.Tensor):
-                t = t.to_local() if hasattr(t, "to_local") else t
-                total += t.numel() * t.element_size()
-    return total
+    """Bytes of the optimizer state held by this rank (local shards of DTensors), any optimizer."""
+    return sum(map(state_nbytes, opt.state.values()))
 
 
 def world() -> tuple[int, int]:
@@ -230,10 +223,9 @@ def load_checkpoint(path: Path, model, opt) -> dict:
         raise SystemExit(f"{path} is not a complete checkpoint of this job (no train_meta.json)")
     if opt is None:  # a DeepSpeed engine, at any world size
         from .deepspeed_zero import load_checkpoint as load_deepspeed
-        from .optimizer import MicroAdam as _MicroAdam
 
         meta = json.loads((path / "train_meta.json").read_text())
-        if isinstance(model.basic_optimizer, _MicroAdam):
+        if isinstance(model.basic_optimizer, MicroAdam):
             load_deepspeed(model, path)  # any world size
         elif meta["history"][-1]["world_size"] == world()[1]:
             model.load_checkpoint(str(path))
