@@ -280,8 +280,9 @@ def test_one_density_rule_for_every_loader(good, density, same):
 _KILL_AT_NTH_SWAP_STEP = """
 import os, signal, sys
 from microadam_dist import checkpoint
+from microadam_dist.checkpoint import atomic
 src, out, n, exchange = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
-checkpoint._USE_EXCHANGE = exchange
+atomic._USE_EXCHANGE = exchange
 count = 0
 def hook(event, args):  # SIGKILL this process just before its n-th rename, exchange or removal
     global count
