@@ -66,6 +66,7 @@ class DeepSpeedCheckpoint(Checkpoint):
         self._slices: dict[str, list[tuple[int, int, ZeroSlice]]] = {}  # name -> [(rank, partition, slice)]
         self._ranks = []  # per rank: (its MicroAdam state per partition, its fp32 partitions)
         self._partitions: list[dict[int, tuple]] = []  # per rank: partition -> (slices, names), as saved
+        self._layouts = []  # TEMPORARY (issue 16): per rank, the saved partitions, until ds_native uses zero_keys
         group_of_index: dict[int, int] = {}
         for rank in range(self.world_size):
             base, layout, flats = first if rank == min(files) else self._load_rank_file(files[rank])
@@ -77,6 +78,7 @@ class DeepSpeedCheckpoint(Checkpoint):
                         group_of_index[index] = gi
             self._ranks.append((base["state"], list(flats)))
             self._partitions.append({})
+            self._layouts.append(layout["partitions"])
             for index, info in layout["partitions"].items():
                 if info["world_size"] != self.world_size or info["rank"] != rank:
                     raise CheckpointError(f"{files[rank]} was written by rank {info['rank']} of "
@@ -108,6 +110,11 @@ class DeepSpeedCheckpoint(Checkpoint):
         if not (step is None or (isinstance(step, int) and step >= 0)):
             raise CheckpointError(f"{models[0]}: global_steps is {step!r}: the file is corrupted")
         self.step = step
+
+    def zero_keys(self) -> dict[str, tuple[int, int]]:
+        """Each parameter's ZeRO key (DeepSpeed group, index in that group): sorting by it gives
+        DeepSpeed's parameter order."""
+        return {name: slices[0][2].key for name, slices in self._slices.items()}
 
     def verify(self) -> list[str]:
         if self._digests is not None:
