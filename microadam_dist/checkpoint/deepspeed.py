@@ -65,7 +65,7 @@ class DeepSpeedCheckpoint(Checkpoint):
                                   "is incomplete")
         self._slices: dict[str, list[tuple[int, int, ZeroSlice]]] = {}  # name -> [(rank, partition, slice)]
         self._ranks = []  # per rank: (its MicroAdam state per partition, its fp32 partitions)
-        self._partitions: list[dict[int, tuple]] = []  # per rank: partition -> (slices, names), as saved
+        self._partitions: list[dict[int, tuple]] = []  # per rank: partition -> (slices, names) by offset
         self._layouts = []  # TEMPORARY (issue 16): per rank, the saved partitions, until ds_native uses zero_keys
         group_of_index: dict[int, int] = {}
         for rank in range(self.world_size):
@@ -91,7 +91,10 @@ class DeepSpeedCheckpoint(Checkpoint):
                     if name not in self.params:
                         self.params[name] = ParamEntry(name, zslice.shape, group_of_index[int(index)])
                     self._slices.setdefault(name, []).append((rank, int(index), zslice))
-                self._partitions[rank][int(index)] = (slices, names)
+                # the packed state holds the slices in partition order: a layout listing them in another
+                # order describes the same partition
+                order = sorted(range(len(slices)), key=lambda j: slices[j].offset)
+                self._partitions[rank][int(index)] = ([slices[j] for j in order], [names[j] for j in order])
         # DeepSpeed's own load needs the model states: one file, or one per rank under ZeRO-3
         models = [tag_dir / MODEL_STATES]
         if not models[0].exists():
@@ -157,7 +160,7 @@ class DeepSpeedCheckpoint(Checkpoint):
         return base, layout, flats
 
     def _partition_state(self, rank: int, index: int) -> list | None:
-        """(name, StateLayout, flat state) of every slice of one partition, in the saved order: views
+        """(name, StateLayout, flat state) of every slice of one partition, by offset: views
         into the memory-mapped file, built once per partition; None before the first step."""
         if (rank, index) not in self._views:
             packed = self._ranks[rank][0].get(index)
