@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from microadam_dist.checkpoint import Checkpoint, ParamEntry, _block_lengths_per_entry, write_canonical
-from microadam_dist.state import StateLayout
+from microadam_dist.checkpoint import Checkpoint, ParamEntry, write_canonical
 
 RESULTS = Path(__file__).parent / "results"
 HYPER = {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "window_size": 10,
@@ -57,10 +56,10 @@ class SyntheticCheckpoint(Checkpoint):
         return torch.randn(self.params[name].shape, generator=self._gen(name))
 
     def state(self, name):
-        geom, m, gen = self.geometry(name), HYPER["window_size"], self._gen(name)
-        shapes = StateLayout(geom, m).row_shapes()
-        k_total = geom.state_sizes(0, geom.num_blocks)[0]
-        limits = _block_lengths_per_entry(geom).float()
+        layout, m, gen = self.layout(name), HYPER["window_size"], self._gen(name)
+        shapes = layout.row_shapes()
+        k_total = layout.sizes[0]
+        limits = layout.block_len_per_entry().float()
         idx = (torch.rand(m, k_total, generator=gen) * limits).long().clamp_max_(limits.long() - 1).to(torch.int16)
         lo = torch.randn(shapes["ef_stats"][0] * shapes["ef_stats"][1], generator=gen)
         flat = {
@@ -70,7 +69,7 @@ class SyntheticCheckpoint(Checkpoint):
             "ef_codes": torch.randint(0, 256, (math.prod(shapes["ef_codes"]),), generator=gen, dtype=torch.uint8),
             "ef_stats": torch.stack([lo, lo + torch.rand(lo.shape, generator=gen)], dim=-1),
         }
-        return StateLayout(geom, m).to_rows(flat)
+        return layout.to_rows(flat)
 
 
 def make_synthetic(out: Path, total: int, per_param: int, shard_bytes: int = 1 << 30) -> Path:

@@ -29,6 +29,7 @@ import torch
 
 from microadam_dist import checkpoint
 from microadam_dist.distributed import torchrun_command
+from microadam_dist.state import FIELDS
 
 MODEL = ["--width", "64", "--context", "32", "--layers", "2", "--heads", "2", "--batch-size", "12",
          "--optimizers", "microadam", "--quiet"]
@@ -51,7 +52,7 @@ def verify(path: Path, step: int) -> int:
 def same_state(a: Path, b: Path) -> bool:
     x, y = checkpoint.open_checkpoint(a), checkpoint.open_checkpoint(b)
     return all(torch.equal(x.weight(n), y.weight(n)) and
-               all(torch.equal(x.state(n)[k], y.state(n)[k]) for k in checkpoint.FIELDS) for n in x.params)
+               all(torch.equal(x.state(n)[k], y.state(n)[k]) for k in FIELDS) for n in x.params)
 
 
 def round_trip(ckpt_dir: Path, work: Path) -> bool:

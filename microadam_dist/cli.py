@@ -16,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from .checkpoint import (Checkpoint, CheckpointError, export_adam, open_checkpoint,
+from .checkpoint import (Checkpoint, CheckpointError, canonical_parameter, export_adam, open_checkpoint,
                          write_canonical, write_dcp)
 
 EXAMPLES = """
@@ -108,8 +108,6 @@ def inspect(ckpt: Path = typer.Argument(..., help="checkpoint directory (canonic
         try:
             problems += c.verify()  # digests first: tensors of files known to be damaged are not read
             if not problems:
-                from .checkpoint import canonical_parameter
-
                 for name in c.params:
                     _, st = canonical_parameter(c, name)
                     step = -1 if st is None else int(st["step"])

@@ -334,31 +334,3 @@ def dense_moments(geometry: Geometry, state: dict[str, torch.Tensor], cfg: StepC
         v.param.copy_(m_blocks.view(rect.num_rows, rect.num_cols, n))
         v.grad.copy_(s_blocks.view(rect.num_rows, rect.num_cols, n))
     return M, S
-
-
-# ---- TEMPORARY (the redesign of issue 16 removes these): the old state helpers, now in state.py ----
-from .state import DTYPES as STATE_DTYPES  # noqa: E402
-from .state import StateLayout as _Layout  # noqa: E402
-
-
-def init_state(geometry, window_size, b0, b1, device):
-    return _Layout(geometry, window_size, b0, b1).zeros(device)
-
-
-def canonical_shapes(geometry, window_size):
-    return _Layout(geometry, window_size).row_shapes()
-
-
-def to_row_form(state, geometry, window_size, rows):
-    b1 = rows * geometry.blocks_per_row
-    return _Layout(geometry, window_size, 0, b1).to_rows(state)
-
-
-def from_row_form(values, geometry, window_size, b0=0, b1=None, rows=None):
-    if rows is not None:
-        b0, b1 = 0, rows * geometry.blocks_per_row
-    return _Layout(geometry, window_size, b0, b1).from_rows(values)
-
-
-def join_owned_blocks(pieces, geometry, window_size):
-    return _Layout.join(geometry, window_size, pieces)

@@ -23,7 +23,6 @@ import functools
 import math
 from dataclasses import dataclass
 
-from .hyperparams import same_geometry_setting  # noqa: F401  TEMPORARY (issue 16)
 
 
 def topk_count(density: float, n: int) -> int:
@@ -192,8 +191,6 @@ class Geometry:
             if c1 > nf:  # the short block
                 out.append(self._rect(row, nrows, nf, nf + 1, self.short_len, self.short, origin))
         return out
-
-    pieces = rects  # TEMPORARY (issue 16): the old name
 
     def _rect(self, row, nrows, c0, c1, n, sizes, origin) -> BlockRect:
         k, ef, buckets = sizes

@@ -80,15 +80,24 @@ def same_geometry_setting(key: str, saved, current) -> bool:
     return math.isclose(float(saved), float(current), rel_tol=DENSITY_REL_TOL, abs_tol=0.0)
 
 
+def geometry_mismatch(saved: dict, current: dict) -> str | None:
+    """The first geometry setting in which a saved param group differs from ``current`` (None: same)."""
+    for key in GEOMETRY_KEYS:
+        if not same_geometry_setting(key, saved.get(key), current[key]):
+            return key
+    return None
+
+
 def check_same_geometry(saved_groups: list, groups: list[dict], error: type[Exception] = ValueError) -> None:
     """Refuse saved parameter groups whose number, or whose geometry settings, differ from ``groups``."""
     if len(saved_groups) != len(groups):
         raise error(f"the state_dict has {len(saved_groups)} parameter groups, this optimizer has {len(groups)}")
     for i, (saved, group) in enumerate(zip(saved_groups, groups)):
-        for key in GEOMETRY_KEYS:
-            if key not in saved:
-                raise error(f"parameter group {i} of the state_dict has no {key!r}: it was not saved by MicroAdam")
-            if not same_geometry_setting(key, saved[key], group[key]):
-                raise error(f"cannot load MicroAdam state saved with {key}={saved[key]!r} into an optimizer with "
-                            f"{key}={group[key]!r} (parameter group {i}); build the optimizer with "
-                            f"{key}={saved[key]!r} to resume this checkpoint")
+        absent = [key for key in GEOMETRY_KEYS if key not in saved]
+        if absent:
+            raise error(f"parameter group {i} of the state_dict has no {absent[0]!r}: it was not saved by MicroAdam")
+        key = geometry_mismatch(saved, group)
+        if key is not None:
+            raise error(f"cannot load MicroAdam state saved with {key}={saved[key]!r} into an optimizer with "
+                        f"{key}={group[key]!r} (parameter group {i}); build the optimizer with "
+                        f"{key}={saved[key]!r} to resume this checkpoint")

@@ -141,13 +141,13 @@ class StateLayout:
         if int(flat["step"]) < 0:
             raise error(f"{what} has a negative step count {int(flat['step'])}")
         idx = flat["window_idx"].long()
-        if idx.numel() and (bool((idx < 0).any()) or bool((idx >= self._block_len_per_entry()).any())):
+        if idx.numel() and (bool((idx < 0).any()) or bool((idx >= self.block_len_per_entry()).any())):
             raise error(f"{what} has window indices outside their blocks: the state is corrupted")
         lo, hi = flat["ef_stats"].unbind(-1)
         if bool((lo > hi).any()) or not bool(torch.isfinite(flat["ef_stats"]).all()):
             raise error(f"{what} has disordered or non-finite error-feedback statistics: the state is corrupted")
 
-    def _block_len_per_entry(self) -> torch.Tensor:
+    def block_len_per_entry(self) -> torch.Tensor:
         """For each window entry of the flat form, the length of the block it indexes."""
         out = torch.empty(self.sizes[0], dtype=torch.long)
         for rect in self.geometry.rects(self.b0, self.b1):

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .data import get_batch, split_corpus
 from .distributed import collective_device, destroy_process_group, init_process_group
+from .checkpoint import TRAIN_META, last_complete, seal, swap_into_place
 from .models import GPT, GPTConfig
 from .optimizer import MicroAdam
 from .state import state_nbytes
@@ -155,19 +156,8 @@ def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        from .checkpoint import seal
-
         seal(partial, meta)  # train_meta.json, then the digests of every file (microadam-ckpt inspect --verify)
-        # swap in: there is always one complete checkpoint, at path or (for an instant) at path.old,
-        # where complete_checkpoint() finds it after a crash
-        old = path.with_name(path.name + ".old")
-        if old.exists() and path.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            path.rename(old)
-        partial.rename(path)
-        if old.exists():
-            shutil.rmtree(old)
+        swap_into_place(partial, path)  # a complete checkpoint at path, or for an instant at path.old
     if dist.is_initialized():
         dist.barrier()
 
@@ -211,15 +201,12 @@ def _load_adamw_full_state(engine, directory: Path, step: int) -> None:
 def complete_checkpoint(path: Path) -> Path | None:
     """The last complete checkpoint at ``path``: ``path`` itself, or the previous one kept as
     ``path.old`` when a save was interrupted while swapping it in; None if there is none."""
-    for candidate in (path, path.with_name(path.name + ".old")):
-        if (candidate / "train_meta.json").exists():
-            return candidate
-    return None
+    return last_complete(path, TRAIN_META)
 
 
 def load_checkpoint(path: Path, model, opt) -> dict:
     path = complete_checkpoint(path) or path
-    if not (path / "train_meta.json").exists():
+    if not (path / TRAIN_META).exists():
         raise SystemExit(f"{path} is not a complete checkpoint of this job (no train_meta.json)")
     if opt is None:  # a DeepSpeed engine, at any world size
         from .deepspeed_zero import load_checkpoint as load_deepspeed

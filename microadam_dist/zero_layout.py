@@ -4,7 +4,7 @@ and the checkpoint reader reads (as DeepSpeed's own ``checkpoint/constants.py`` 
 A ZeRO optimizer hands MicroAdam flat fp32 *partitions*. Each holds *slices* of original
 parameters: elements ``[start, start + numel)`` of parameter ``key`` at ``offset`` in the
 partition. MicroAdam keeps one packed state per partition (``state.packed_shapes``: each slice's
-owned blocks side by side, in slice order), and adds to the optimizer state_dict, under
+owned blocks side by side, in the order of the slices' offsets), and adds to the optimizer state_dict, under
 ``LAYOUT_KEY``, which slices each partition holds and their parameter names, so the state can be
 mapped back to parameters at any world size.
 """

@@ -23,7 +23,7 @@ TOTAL = 10
 def reference(steps: int):
     """One process, plain MicroAdam: fp32 params (by name) and canonical state (by name)."""
     from microadam_dist import MicroAdam
-    from microadam_dist.checkpoint import _LiveCheckpoint
+    from microadam_dist.checkpoint.local import _LiveCheckpoint
 
     model = W.Injected()
     opt = MicroAdam(model.parameters(), **W.P1_HYPER)
@@ -163,7 +163,7 @@ def reference_without_the_nan_step():
     """One process, MicroAdam over every gradient but the NaN step's (what DeepSpeed's own overflow
     check leaves: it drops the whole step before the optimizer sees it)."""
     from microadam_dist import MicroAdam
-    from microadam_dist.checkpoint import _LiveCheckpoint
+    from microadam_dist.checkpoint.local import _LiveCheckpoint
 
     model = W.Injected()
     opt = MicroAdam(model.parameters(), **W.P1_HYPER)

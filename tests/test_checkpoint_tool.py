@@ -23,6 +23,7 @@ import p2_workers as P  # noqa: E402
 from dist_utils import run_workers  # noqa: E402
 from microadam_dist import MicroAdam, checkpoint  # noqa: E402
 from microadam_dist.checkpoint import CheckpointError  # noqa: E402
+from microadam_dist.state import FIELDS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from bench_checkpoint import make_synthetic, run_measured  # noqa: E402
@@ -222,7 +223,7 @@ def test_conversion_memory_stays_well_below_the_checkpoint(tmp_path):
     a, b = checkpoint.open_checkpoint(src), checkpoint.open_checkpoint(tmp_path / "back")
     for name in list(a.params)[::17]:
         assert torch.equal(a.weight(name), b.weight(name))
-        assert all(torch.equal(a.state(name)[k], b.state(name)[k]) for k in checkpoint.FIELDS)
+        assert all(torch.equal(a.state(name)[k], b.state(name)[k]) for k in FIELDS)
 
 
 @pytest.mark.timeout(300)
@@ -280,8 +281,9 @@ def test_one_density_rule_for_every_loader(good, density, same):
 _KILL_AT_NTH_SWAP_STEP = """
 import os, signal, sys
 from microadam_dist import checkpoint
+from microadam_dist.checkpoint import atomic
 src, out, n, exchange = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
-checkpoint._USE_EXCHANGE = exchange
+atomic._USE_EXCHANGE = exchange
 count = 0
 def hook(event, args):  # SIGKILL this process just before its n-th rename, exchange or removal
     global count

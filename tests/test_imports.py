@@ -66,6 +66,21 @@ def test_no_import_cycle_in_the_package():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+def test_checkpoint_formats_import_no_engine():
+    """The layering: checkpoint formats read and write files through the leaves (state, hyperparams,
+    geometry, zero_layout), never through an engine, the optimizer or the jobs."""
+    modules = _modules()
+    engines = ("deepspeed_zero", "optimizer", "engine", "sharded", "dtensor", "fsdp1", "train", "cli", "demo")
+    forbidden = {f"{PACKAGE}.{m}" for m in engines}
+    bad = {}
+    for name, path in modules.items():
+        if name.startswith(f"{PACKAGE}.checkpoint"):
+            hits = {m for m in _imports(name, path, modules) if any(m == f or m.startswith(f + ".") for f in forbidden)}
+            if hits:
+                bad[name] = sorted(hits)
+    assert not bad, f"checkpoint modules import engine-level modules: {bad}"
+
+
 def test_the_cycle_finder_sees_imports_inside_functions(tmp_path):
     """A function-level import counts (the test above would miss a cycle otherwise)."""
     path = tmp_path / "mod.py"

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from microadam_dist import MicroAdam, geometry_for
-from microadam_dist.checkpoint import check_state
-from microadam_dist.functional import dequantize_4bit, to_row_form
+from microadam_dist.functional import dequantize_4bit
+from microadam_dist.state import StateLayout
 from naive_microadam import NaiveMicroAdam
 
 SHAPES = st.one_of(
@@ -52,7 +52,9 @@ def check_invariants(opt: MicroAdam, p: torch.Tensor, cfg: dict, steps: int) -> 
     st_ = opt.state[p]
     assert int(st_["step"]) == steps
     # dtypes, shapes, indices inside their blocks, ordered finite statistics (the checkpoint checks)
-    check_state("p", to_row_form(st_, geom, cfg["window_size"], geom.rows), geom, cfg["window_size"], "state")
+    layout = StateLayout(geom, cfg["window_size"])
+    layout.check(layout.to_rows(st_), "state", rows=True)
+    layout.check_values(st_, "state")
     # the error feedback dequantizes inside its bucket's [lo, hi]
     for rect in geom.rects(0, geom.num_blocks):
         for r in range(rect.num_rows):

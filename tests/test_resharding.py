@@ -21,8 +21,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import p2_workers as P  # noqa: E402
 from dist_utils import run_workers  # noqa: E402
 from microadam_dist import MicroAdam, checkpoint  # noqa: E402
+from microadam_dist.checkpoint.local import _LiveCheckpoint  # noqa: E402
 
-FIELDS = checkpoint.FIELDS
+from microadam_dist.state import FIELDS  # noqa: E402
 
 
 def cli(*args) -> subprocess.CompletedProcess:
@@ -118,7 +119,7 @@ def test_one_process_resumes_from_sharded(sources, refs, tmp_path, source):
     opt = MicroAdam(model.parameters(), **P.W.P1_HYPER)
     checkpoint.load(model, opt, sources[source])
     P.train_single(model, opt, P.SAVE_AT, P.TOTAL)
-    assert_equal_to(checkpoint._LiveCheckpoint(model, opt), refs[P.TOTAL], source)
+    assert_equal_to(_LiveCheckpoint(model, opt), refs[P.TOTAL], source)
 
 
 def test_export_adam_reproduces_microadams_last_update(sources, tmp_path):

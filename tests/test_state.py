@@ -17,7 +17,7 @@ def _random_state(layout: StateLayout, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     st = layout.zeros("cpu")
     st["step"].fill_(7)
-    limits = layout._block_len_per_entry()
+    limits = layout.block_len_per_entry()
     st["window_idx"].copy_((torch.rand(st["window_idx"].shape, generator=gen) * limits).long())
     st["window_val"].copy_(torch.randn(st["window_val"].shape, generator=gen))
     st["ef_codes"].copy_(torch.randint(0, 256, st["ef_codes"].shape, generator=gen))

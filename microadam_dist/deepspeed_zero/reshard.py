@@ -97,12 +97,8 @@ class _StandIn(torch.nn.Module):
 
 
 def _order(ckpt: DeepSpeedCheckpoint) -> list[str]:
-    """Parameter names in DeepSpeed's order: by their (group, index in group) layout keys."""
-    keys = {}
-    for layout in ckpt._layouts:
-        for info in layout.values():
-            for (key, *_), name in zip(info["pieces"], info["names"]):
-                keys[name] = tuple(key)
+    """Parameter names in DeepSpeed's order: by their (group, index in group) keys."""
+    keys = ckpt.zero_keys()
     return sorted(keys, key=keys.get)
 
 

@@ -114,7 +114,7 @@ def _native_load_fits(engine, tag_dir) -> bool:
     if len(files) != parts[0].world or rank not in files:
         return False
     try:
-        _, layout, _ = DeepSpeedCheckpoint._load_rank_file(os.path.join(tag_dir, files[rank]))
+        _, layout, _ = DeepSpeedCheckpoint.load_rank_file(os.path.join(tag_dir, files[rank]))
     except CheckpointError:
         return True  # another optimizer's file: the adapter refuses it with its own message
     saved = layout["partitions"]
