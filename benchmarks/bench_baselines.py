@@ -42,8 +42,12 @@ from microadam_dist.distributed import destroy_process_group, free_port  # noqa:
 
 RESULTS = Path(__file__).parent / "results"
 OPTIMIZERS = ["microadam", *BASELINES]
-MICROADAM_VARIANTS = {"microadam": {}, "microadam m20": {"window_size": 20}, "microadam d0.5%": {"density": 0.005},
-                      "microadam m20 d0.5%": {"window_size": 20, "density": 0.005}}
+MICROADAM_VARIANTS = {
+    "microadam": {},
+    "microadam m20": {"window_size": 20},
+    "microadam d0.5%": {"density": 0.005},
+    "microadam m20 d0.5%": {"window_size": 20, "density": 0.005},
+}
 
 
 # ---- workers run in fresh processes (python bench_baselines.py --worker KIND JSON) ----------------
@@ -92,16 +96,25 @@ def worker_peak_memory(name: str) -> dict:
         times.append(time.perf_counter() - t)
     status = Path("/proc/self/status").read_text()
     peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
-    return {"peak_rss": peak_kb * 1024,
-            "params": sum(p.numel() for p in model.parameters()),
-            "state_bytes": state_bytes(opt) if opt is not None else 0, "step_seconds": statistics.median(times[1:])}
+    return {
+        "peak_rss": peak_kb * 1024,
+        "params": sum(p.numel() for p in model.parameters()),
+        "state_bytes": state_bytes(opt) if opt is not None else 0,
+        "step_seconds": statistics.median(times[1:]),
+    }
 
 
 def _rank_entry(rank, world, port, engine, out):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from microadam_dist.data import get_batch, split_corpus
@@ -126,16 +139,20 @@ def _rank_entry(rank, world, port, engine, out):
         from microadam_dist import deepspeed_zero
 
         deepspeed_zero.skip_cpu_shm_build()
-        cfg = {"train_micro_batch_size_per_gpu": 12 // world, "zero_optimization": {"stage": 2},
-               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
-               "optimizer": {"type": "MicroAdam", "params": {"lr": 1e-3}}}
+        cfg = {
+            "train_micro_batch_size_per_gpu": 12 // world,
+            "zero_optimization": {"stage": 2},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "optimizer": {"type": "MicroAdam", "params": {"lr": 1e-3}},
+        }
         engine_, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
         forward, backward, step, micro = engine_, engine_.backward, engine_.step, engine_.basic_optimizer
     times = []
     for s in range(6):
         x, y = get_batch(train, 12, 64, torch.Generator().manual_seed(s))
         share = 12 // world
-        loss = forward(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
+        loss = forward(x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share])
         backward(loss)
         dist.barrier()
         t = time.perf_counter()
@@ -144,8 +161,12 @@ def _rank_entry(rank, world, port, engine, out):
         times.append(time.perf_counter() - t)
         if engine == "fsdp2":
             micro.zero_grad(set_to_none=True)
-    result = {"rank": rank, "state_bytes": micro.state_bytes(), "step_seconds": statistics.median(times[2:]),
-              "params": sum(p.numel() for p in _gpt(width=128, layers=2).parameters())}
+    result = {
+        "rank": rank,
+        "state_bytes": micro.state_bytes(),
+        "step_seconds": statistics.median(times[2:]),
+        "params": sum(p.numel() for p in _gpt(width=128, layers=2).parameters()),
+    }
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0:
@@ -160,8 +181,9 @@ def worker_per_rank(engine: str, world: int) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
-        mp.start_processes(_rank_entry, args=(world, free_port(), engine, str(out)), nprocs=world, join=True,
-                           start_method="spawn")
+        mp.start_processes(
+            _rank_entry, args=(world, free_port(), engine, str(out)), nprocs=world, join=True, start_method="spawn"
+        )
         return json.loads(out.read_text())
 
 
@@ -189,13 +211,21 @@ def main(argv=None):
         return
     torch.set_num_threads(os.cpu_count() or 1)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    lines = ["# MicroAdam vs AdamW, 8-bit and 4-bit AdamW on CPU", "",
-             f"One run on {machine}; each measurement in a fresh process. Not run: see the notes at the end.", ""]
+    lines = [
+        "# MicroAdam vs AdamW, 8-bit and 4-bit AdamW on CPU",
+        "",
+        f"One run on {machine}; each measurement in a fresh process. Not run: see the notes at the end.",
+        "",
+    ]
     not_run = {}
 
     # 1. state bytes per parameter, exact, on a 4096 x 4096 weight after one step
-    lines += ["## Optimizer state, bytes per parameter (4096 x 4096 fp32 weight, after one step)", "",
-              "| optimizer | bytes / param | vs AdamW |", "|---|---|---|"]
+    lines += [
+        "## Optimizer state, bytes per parameter (4096 x 4096 fp32 weight, after one step)",
+        "",
+        "| optimizer | bytes / param | vs AdamW |",
+        "|---|---|---|",
+    ]
     w = torch.nn.Parameter(torch.randn(4096, 4096))
     w.grad = torch.randn_like(w)
     sizes = {}
@@ -209,7 +239,7 @@ def main(argv=None):
             not_run[name] = f"{type(e).__name__}: {str(e)[:150]}"
     for name, b in sizes.items():
         lines.append(f"| {name} | {b:.4f} | {b / sizes['adamw_fused']:.3f} |")
-    print("\n".join(lines[-len(sizes) - 2:]), flush=True)
+    print("\n".join(lines[-len(sizes) - 2 :]), flush=True)
 
     # 2. step time against size
     ns = [10**6, 10**7] if args.quick else [10**6, 10**7, 10**8]
@@ -224,9 +254,13 @@ def main(argv=None):
                 continue
             times.setdefault(name, {})[n] = r
             print(f"step time {name} n={n:.0e}: {r['median'] * 1e3:.1f} ms", flush=True)
-    lines += ["", f"## Optimizer step time, one fp32 parameter (median of {args.repeats} steps, ms; ratio to fused AdamW)",
-              "", "| optimizer | " + " | ".join(f"{n:.0e}" for n in sorted({n for t in times.values() for n in t})) + " |",
-              "|---|" + "---|" * len({n for t in times.values() for n in t})]
+    lines += [
+        "",
+        f"## Optimizer step time, one fp32 parameter (median of {args.repeats} steps, ms; ratio to fused AdamW)",
+        "",
+        "| optimizer | " + " | ".join(f"{n:.0e}" for n in sorted({n for t in times.values() for n in t})) + " |",
+        "|---|" + "---|" * len({n for t in times.values() for n in t}),
+    ]
     all_ns = sorted({n for t in times.values() for n in t})
     for name, by_n in times.items():
         cells = []
@@ -240,12 +274,18 @@ def main(argv=None):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
     # 3. peak memory of a training step
-    lines += ["", "## A training step of a GPT (4 layers, width 512; batch 8 x 64), peak process memory", "",
-              "| optimizer | peak RSS (MiB) | above no optimizer (MiB) | state bytes / param | step (fwd+bwd+opt) ms |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## A training step of a GPT (4 layers, width 512; batch 8 x 64), peak process memory",
+        "",
+        "| optimizer | peak RSS (MiB) | above no optimizer (MiB) | state bytes / param | step (fwd+bwd+opt) ms |",
+        "|---|---|---|---|---|",
+    ]
     base = in_subprocess("memory", "none")
-    lines.append(f"| none (forward + backward only) | {base['peak_rss'] / 2**20:.0f} | 0 | 0 | "
-                 f"{base['step_seconds'] * 1e3:.0f} |")
+    lines.append(
+        f"| none (forward + backward only) | {base['peak_rss'] / 2**20:.0f} | 0 | 0 | "
+        f"{base['step_seconds'] * 1e3:.0f} |"
+    )
     mem = {}
     for name in OPTIMIZERS:
         if name in not_run:
@@ -255,14 +295,20 @@ def main(argv=None):
             not_run.setdefault(name, r["error"])
             continue
         mem[name] = r
-        lines.append(f"| {name} | {r['peak_rss'] / 2**20:.0f} | {(r['peak_rss'] - base['peak_rss']) / 2**20:.0f} | "
-                     f"{r['state_bytes'] / r['params']:.3f} | {r['step_seconds'] * 1e3:.0f} |")
+        lines.append(
+            f"| {name} | {r['peak_rss'] / 2**20:.0f} | {(r['peak_rss'] - base['peak_rss']) / 2**20:.0f} | "
+            f"{r['state_bytes'] / r['params']:.3f} | {r['step_seconds'] * 1e3:.0f} |"
+        )
         print(lines[-1], flush=True)
 
     # 4. per rank, FSDP2 and ZeRO-2
-    lines += ["", "## Per rank: the main job's GPT (2 layers, width 128), MicroAdam", "",
-              "| engine | world size | state bytes per rank | total | total / one process | "
-              "step seconds per rank (median) |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Per rank: the main job's GPT (2 layers, width 128), MicroAdam",
+        "",
+        "| engine | world size | state bytes per rank | total | total / one process | step seconds per rank (median) |",
+        "|---|---|---|---|---|---|",
+    ]
     scaling = {}
     for engine in ("fsdp2", "zero2"):
         for world in (1, 2, 4):
@@ -273,13 +319,18 @@ def main(argv=None):
             total = sum(x["state_bytes"] for x in r)
             scaling[(engine, world)] = (total, [x["state_bytes"] for x in r], max(x["step_seconds"] for x in r))
             one = scaling.get((engine, 1), (total,))[0]
-            lines.append(f"| {engine} | {world} | {', '.join(f'{x:,}' for x in scaling[(engine, world)][1])} | "
-                         f"{total:,} | {total / one:.4f} | {scaling[(engine, world)][2]:.4f} |")
+            lines.append(
+                f"| {engine} | {world} | {', '.join(f'{x:,}' for x in scaling[(engine, world)][1])} | "
+                f"{total:,} | {total / one:.4f} | {scaling[(engine, world)][2]:.4f} |"
+            )
             print(lines[-1], flush=True)
-    lines += ["", "Per-rank state is the total divided by the world size up to the block and segment bookkeeping "
-              "(8 bytes of step counter per parameter piece, and blocks owned by the rank holding their first "
-              "element); nothing is replicated. With 2 cores, 4 ranks oversubscribe the CPU: per-rank step times at "
-              "4 ranks measure contention, not scaling."]
+    lines += [
+        "",
+        "Per-rank state is the total divided by the world size up to the block and segment bookkeeping "
+        "(8 bytes of step counter per parameter piece, and blocks owned by the rank holding their first "
+        "element); nothing is replicated. With 2 cores, 4 ranks oversubscribe the CPU: per-rank step times at "
+        "4 ranks measure contention, not scaling.",
+    ]
     if not_run:
         lines += ["", "## Not run", ""] + [f"- {k}: {v}" for k, v in not_run.items()]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -296,17 +347,28 @@ def plot(path: Path, sizes: dict, times: dict, machine: str) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(sizes)
-    a.barh(names, [sizes[n] for n in names], color=["tab:red" if n.startswith("microadam") else "tab:gray"
-                                                    for n in names])
+    a.barh(
+        names, [sizes[n] for n in names], color=["tab:red" if n.startswith("microadam") else "tab:gray" for n in names]
+    )
     a.set(xlabel="optimizer state, bytes per parameter", title="State memory (exact)")
     for i, n in enumerate(names):
         a.text(sizes[n], i, f" {sizes[n]:.2f}", va="center")
     for name, by_n in times.items():
         ns = sorted(by_n)
-        b.plot(ns, [by_n[n]["median"] for n in ns], marker="o", label=name,
-               color="tab:red" if name == "microadam" else None)
-    b.set(xscale="log", yscale="log", xlabel="parameters", ylabel="seconds per step",
-          title=f"Step time on CPU ({machine.split(',')[1].strip()})")
+        b.plot(
+            ns,
+            [by_n[n]["median"] for n in ns],
+            marker="o",
+            label=name,
+            color="tab:red" if name == "microadam" else None,
+        )
+    b.set(
+        xscale="log",
+        yscale="log",
+        xlabel="parameters",
+        ylabel="seconds per step",
+        title=f"Step time on CPU ({machine.split(',')[1].strip()})",
+    )
     b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -29,8 +29,16 @@ import torch
 from microadam_dist.checkpoint import Checkpoint, ParamEntry, write_canonical
 
 RESULTS = Path(__file__).parent / "results"
-HYPER = {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "window_size": 10,
-         "density": 0.01, "block_size": 4096, "quant_bucket_size": 2048}
+HYPER = {
+    "lr": 1e-4,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "window_size": 10,
+    "density": 0.01,
+    "block_size": 4096,
+    "quant_bucket_size": 2048,
+}
 
 
 class SyntheticCheckpoint(Checkpoint):
@@ -73,18 +81,25 @@ class SyntheticCheckpoint(Checkpoint):
 
 
 def make_synthetic(out: Path, total: int, per_param: int, shard_bytes: int = 1 << 30) -> Path:
-    return write_canonical(SyntheticCheckpoint(total, per_param), out, shard_bytes=shard_bytes, overwrite=True,
-                           progress=False)
+    return write_canonical(
+        SyntheticCheckpoint(total, per_param), out, shard_bytes=shard_bytes, overwrite=True, progress=False
+    )
 
 
 def run_measured(args: list[str]) -> tuple[float, int, str]:
     """(seconds, peak RSS in bytes, stdout) of ``python -m microadam_dist.cli ARGS`` in a child."""
-    probe = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); "
-             "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-             "print(json.dumps({'rc': r.returncode, 'seconds': time.perf_counter() - t, 'out': r.stdout, "
-             "'err': r.stderr[-2000:], 'rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
-    got = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "microadam_dist.cli", *args],
-                         capture_output=True, text=True, check=True)
+    probe = (
+        "import resource, subprocess, sys, time, json; t = time.perf_counter(); "
+        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "print(json.dumps({'rc': r.returncode, 'seconds': time.perf_counter() - t, 'out': r.stdout, "
+        "'err': r.stderr[-2000:], 'rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
+    )
+    got = subprocess.run(
+        [sys.executable, "-c", probe, sys.executable, "-m", "microadam_dist.cli", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(got.stdout)
     if result["rc"] != 0:
         raise RuntimeError(f"microadam-ckpt {' '.join(args)} failed: {result['err']}")
@@ -130,21 +145,30 @@ def main(argv=None):
     make_synthetic(src, total, per)
     made = time.perf_counter() - t
     size, st_size = dir_bytes(src), state_bytes(src)
-    print(f"synthetic checkpoint: {total:,} elements, {size / 1e9:.2f} GB ({st_size / 1e9:.2f} GB MicroAdam state), "
-          f"written in {made:.1f} s", flush=True)
+    print(
+        f"synthetic checkpoint: {total:,} elements, {size / 1e9:.2f} GB ({st_size / 1e9:.2f} GB MicroAdam state), "
+        f"written in {made:.1f} s",
+        flush=True,
+    )
     disk = disk_write_gbs(args.workdir, size)
     print(f"disk: plain sequential write {disk:.2f} GB/s", flush=True)
     _, base_rss, _ = run_measured(["--help"])
     rows = []
-    for label, cmd, out in [("canonical -> DCP (FSDP2)", ["convert", src, dcp_out, "--to", "dcp", "--quiet"], dcp_out),
-                            ("DCP -> canonical", ["convert", dcp_out, back, "--to", "single", "--quiet"], back),
-                            ("inspect --verify (canonical)", ["inspect", back, "--verify"], None)]:
+    for label, cmd, out in [
+        ("canonical -> DCP (FSDP2)", ["convert", src, dcp_out, "--to", "dcp", "--quiet"], dcp_out),
+        ("DCP -> canonical", ["convert", dcp_out, back, "--to", "single", "--quiet"], back),
+        ("inspect --verify (canonical)", ["inspect", back, "--verify"], None),
+    ]:
         seconds, rss, _ = run_measured([str(c) for c in cmd])
         rows.append((label, seconds, rss, size / seconds / 1e9, st_size / seconds / 1e9))
-        print(f"{label}: {seconds:.1f} s, {size / seconds / 1e9:.2f} GB/s all, {st_size / seconds / 1e9:.2f} GB/s "
-              f"state, peak RSS {rss / 2**20:.0f} MiB (imports alone {base_rss / 2**20:.0f} MiB)", flush=True)
+        print(
+            f"{label}: {seconds:.1f} s, {size / seconds / 1e9:.2f} GB/s all, {st_size / seconds / 1e9:.2f} GB/s "
+            f"state, peak RSS {rss / 2**20:.0f} MiB (imports alone {base_rss / 2**20:.0f} MiB)",
+            flush=True,
+        )
     table = [
-        "# Checkpoint conversion (microadam-ckpt)", "",
+        "# Checkpoint conversion (microadam-ckpt)",
+        "",
         f"Synthetic checkpoint: {total:,} parameters' elements in {len(SyntheticCheckpoint(total, per).params)} "
         f"parameters of {per:,}; {size / 1e9:.2f} GB on disk (fp32 weights + {st_size / 1e9:.2f} GB MicroAdam "
         "state, default geometry, window full). One run on "
@@ -152,14 +176,17 @@ def main(argv=None):
         "Peak RSS from the child's rusage; the CLI's imports alone take "
         f"{base_rss / 2**20:.0f} MiB. The same disk, in the same run, writes {disk:.2f} GB/s when "
         f"Python writes {size / 1e9:.2f} GB of 64 MiB buffers and fsyncs (the ceiling of a conversion, which "
-        "also reads, checks and hashes every byte; the ratio column compares each conversion with it).", "",
+        "also reads, checks and hashes every byte; the ratio column compares each conversion with it).",
+        "",
         "| conversion | seconds | GB/s (whole checkpoint) | / disk write speed | GB/s (state) | peak RSS (MiB) "
         "| peak RSS / checkpoint |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, seconds, rss, gbs, sgbs in rows:
-        table.append(f"| {label} | {seconds:.1f} | {gbs:.2f} | {gbs / disk:.2f} | {sgbs:.2f} | {rss / 2**20:.0f} "
-                     f"| {rss / size:.3f} |")
+        table.append(
+            f"| {label} | {seconds:.1f} | {gbs:.2f} | {gbs / disk:.2f} | {sgbs:.2f} | {rss / 2**20:.0f} "
+            f"| {rss / size:.3f} |"
+        )
     print("\n".join(table))
     if not args.quick:
         (RESULTS / "checkpoint_conversion.md").write_text("\n".join(table) + "\n")

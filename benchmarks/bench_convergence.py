@@ -35,16 +35,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from optimizers import make, state_bytes
 
 from microadam_dist.data import get_batch, split_corpus
 from microadam_dist.models import GPT, GPTConfig
-from optimizers import make, state_bytes
 
 RESULTS = Path(__file__).parent / "results"
 OPTIMIZERS = ["microadam", "adamw", "bnb_adamw8bit", "torchao_adamw8bit", "torchao_adamw4bit"]
 # learning-rate grids, tuned on the first seed; "adam" is every Adam-family baseline
-GRIDS = {"gpt": {"microadam": [2e-3, 5e-3, 1e-2], "adam": [1e-3, 3e-3, 6e-3]},
-         "digits": {"microadam": [3e-3, 1e-2, 3e-2], "adam": [1e-3, 3e-3, 1e-2]}}
+GRIDS = {
+    "gpt": {"microadam": [2e-3, 5e-3, 1e-2], "adam": [1e-3, 3e-3, 6e-3]},
+    "digits": {"microadam": [3e-3, 1e-2, 3e-2], "adam": [1e-3, 3e-3, 1e-2]},
+}
 MIN_GRID_STEPS = 60
 
 
@@ -111,8 +113,17 @@ class GPTTask:
             opt.step()
             losses.append(loss.item())
         seconds = time.perf_counter() - start
-        return Run(name, lr, seed, steps, self.evaluate(model), losses, seconds, state_bytes(opt),
-                   sum(p.numel() for p in model.parameters()))
+        return Run(
+            name,
+            lr,
+            seed,
+            steps,
+            self.evaluate(model),
+            losses,
+            seconds,
+            state_bytes(opt),
+            sum(p.numel() for p in model.parameters()),
+        )
 
     def seconds_per_step(self, name: str, lr: float, probe: int = 15, timed: int = 4) -> float:
         """Wall seconds per training step, from the last ``timed`` of ``probe`` steps (after
@@ -167,7 +178,7 @@ class DigitsTask:
         for epoch in range(epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
             for i in range(0, n, self.batch_size):
-                idx = order[i:i + self.batch_size]
+                idx = order[i : i + self.batch_size]
                 set_lr(opt, lr * lr_factor(step, total, warmup))
                 loss = nn.functional.cross_entropy(model(self.xtr[idx]), self.ytr[idx])
                 opt.zero_grad(set_to_none=True)
@@ -177,8 +188,18 @@ class DigitsTask:
             test_losses.append(self.evaluate(model)[0])
         seconds = time.perf_counter() - start
         final, acc = self.evaluate(model)
-        return Run(name, lr, seed, epochs, final, test_losses, seconds, state_bytes(opt),
-                   sum(p.numel() for p in model.parameters()), acc)
+        return Run(
+            name,
+            lr,
+            seed,
+            epochs,
+            final,
+            test_losses,
+            seconds,
+            state_bytes(opt),
+            sum(p.numel() for p in model.parameters()),
+            acc,
+        )
 
 
 # ---- the procedure -------------------------------------------------------------------------------
@@ -192,21 +213,28 @@ def sweep(task, name: str, grid: list[float], seeds: list[int], full: int, grid_
     tried = {}
     for lr in grid:
         tried[lr] = task.run(name, lr, seeds[0], grid_len)
-        print(f"  [{task.key}] {name:>18} grid lr {lr:g} seed {seeds[0]} ({grid_len} {task.unit}): "
-              f"{tried[lr].final:.4f} in {tried[lr].seconds:.1f} s", flush=True)
+        print(
+            f"  [{task.key}] {name:>18} grid lr {lr:g} seed {seeds[0]} ({grid_len} {task.unit}): "
+            f"{tried[lr].final:.4f} in {tried[lr].seconds:.1f} s",
+            flush=True,
+        )
     best = min(grid, key=lambda lr: _score(tried[lr]))
     runs = [tried[best]] if grid_len == full else []
-    for seed in seeds[len(runs):]:
+    for seed in seeds[len(runs) :]:
         r = task.run(name, best, seed, full)
         runs.append(r)
-        print(f"  [{task.key}] {name:>18} lr {best:g} seed {seed} ({full} {task.unit}): {r.final:.4f}"
-              + (f", accuracy {r.accuracy:.4f}" if math.isfinite(r.accuracy) else "") + f" in {r.seconds:.1f} s",
-              flush=True)
+        print(
+            f"  [{task.key}] {name:>18} lr {best:g} seed {seed} ({full} {task.unit}): {r.final:.4f}"
+            + (f", accuracy {r.accuracy:.4f}" if math.isfinite(r.accuracy) else "")
+            + f" in {r.seconds:.1f} s",
+            flush=True,
+        )
     return dict(name=name, lr=best, grid={lr: tried[lr].final for lr in grid}, grid_len=grid_len, runs=runs)
 
 
-def run_task(task, names: list[str], seeds: list[int], full: int, grid_len: dict, quick: bool,
-             failed: dict) -> list[dict]:
+def run_task(
+    task, names: list[str], seeds: list[int], full: int, grid_len: dict, quick: bool, failed: dict
+) -> list[dict]:
     out = []
     for name in names:
         grid = GRIDS[task.key]["microadam" if name.startswith("microadam") else "adam"]
@@ -220,8 +248,9 @@ def run_task(task, names: list[str], seeds: list[int], full: int, grid_len: dict
     return out
 
 
-def plan_grid_steps(task: GPTTask, names: list[str], seeds: list[int], steps: int, budget_s: float,
-                    failed: dict) -> tuple[int, dict, float]:
+def plan_grid_steps(
+    task: GPTTask, names: list[str], seeds: list[int], steps: int, budget_s: float, failed: dict
+) -> tuple[int, dict, float]:
     """GPT grid-search length that keeps the whole run near the budget; seconds per step measured."""
     per_step = {}
     for name in names:
@@ -251,10 +280,18 @@ def summary(res: dict) -> dict:
         return statistics.stdev(v) if len(v) > 1 and all(map(math.isfinite, v)) else float("nan")
 
     last = res["runs"][-1]
-    return dict(mean=statistics.fmean(finals), std=sd(finals), lo=min(finals), hi=max(finals),
-                acc=statistics.fmean(accs), acc_std=sd(accs), bpp=last.state_bytes / last.num_params,
-                num_params=last.num_params, seconds=statistics.median(r.seconds for r in res["runs"]),
-                n=len(finals))
+    return dict(
+        mean=statistics.fmean(finals),
+        std=sd(finals),
+        lo=min(finals),
+        hi=max(finals),
+        acc=statistics.fmean(accs),
+        acc_std=sd(accs),
+        bpp=last.state_bytes / last.num_params,
+        num_params=last.num_params,
+        seconds=statistics.median(r.seconds for r in res["runs"]),
+        n=len(finals),
+    )
 
 
 def table(task, results: list[dict]) -> list[str]:
@@ -267,23 +304,34 @@ def table(task, results: list[dict]) -> list[str]:
     for res in results:
         s = sums[res["name"]]
         ratio = f"{s['mean'] / base:.4f}" if base else "-"
-        row = (f"| {res['name']} | {res['lr']:g} | {s['mean']:.4f} ± {_num(s['std'])} "
-               f"({s['lo']:.4f}-{s['hi']:.4f}) | {ratio} |")
+        row = (
+            f"| {res['name']} | {res['lr']:g} | {s['mean']:.4f} ± {_num(s['std'])} "
+            f"({s['lo']:.4f}-{s['hi']:.4f}) | {ratio} |"
+        )
         row += f" {s['acc']:.4f} ± {_num(s['acc_std'])} |" if digits else ""
         lines.append(row + f" {s['bpp']:.3f} | {s['seconds']:.1f} |")
     tuned_on = results[0]["runs"][0].seed if results else 0
-    lines += ["", f"Learning-rate grid ({task.metric} of the tuning run, seed {tuned_on}):", "",
-              f"| optimizer | tuning run length | {task.metric} per lr |", "|---|---|---|"]
+    lines += [
+        "",
+        f"Learning-rate grid ({task.metric} of the tuning run, seed {tuned_on}):",
+        "",
+        f"| optimizer | tuning run length | {task.metric} per lr |",
+        "|---|---|---|",
+    ]
     edge = []
     for res in results:
-        cells = ", ".join(f"{lr:g}: {v:.4f}" + (" (chosen)" if lr == res["lr"] else "")
-                          for lr, v in res["grid"].items())
+        cells = ", ".join(
+            f"{lr:g}: {v:.4f}" + (" (chosen)" if lr == res["lr"] else "") for lr, v in res["grid"].items()
+        )
         lines.append(f"| {res['name']} | {res['grid_len']} {task.unit} | {cells} |")
         if len(res["grid"]) > 1 and res["lr"] in (min(res["grid"]), max(res["grid"])):
             edge.append(res["name"])
     if edge:  # the grid may not bracket the best rate: a caveat for every comparison above
-        lines += ["", f"The chosen rate is at the edge of its grid for: {', '.join(edge)}; a rate outside the grid "
-                      "might do better, so these comparisons hold for the grids given only."]
+        lines += [
+            "",
+            f"The chosen rate is at the edge of its grid for: {', '.join(edge)}; a rate outside the grid "
+            "might do better, so these comparisons hold for the grids given only.",
+        ]
     return lines
 
 
@@ -298,10 +346,12 @@ def goal_check(gpt: list[dict]) -> str:
     m, a = sums["microadam"], sums["adamw"]
     ratio = m["mean"] / a["mean"]
     within = ratio <= 1.02
-    text = (f"On the GPT, MicroAdam's mean final validation loss is {m['mean']:.4f} (std {_num(m['std'])}) against "
-            f"AdamW's {a['mean']:.4f} (std {_num(a['std'])}): a ratio of {ratio:.4f}, i.e. "
-            f"{abs(ratio - 1) * 100:.2f}% {'higher' if ratio > 1 else 'lower'}, so the goal of being within 2% of "
-            f"AdamW is {'met' if within else 'NOT met'} on this run.")
+    text = (
+        f"On the GPT, MicroAdam's mean final validation loss is {m['mean']:.4f} (std {_num(m['std'])}) against "
+        f"AdamW's {a['mean']:.4f} (std {_num(a['std'])}): a ratio of {ratio:.4f}, i.e. "
+        f"{abs(ratio - 1) * 100:.2f}% {'higher' if ratio > 1 else 'lower'}, so the goal of being within 2% of "
+        f"AdamW is {'met' if within else 'NOT met'} on this run."
+    )
     eight = [n for n in ("bnb_adamw8bit", "torchao_adamw8bit") if n in sums]
     if not eight:
         return text + " No 8-bit AdamW ran, so the second comparison cannot be made."
@@ -365,57 +415,94 @@ def write(out: Path, args, gpt: list[dict], digits: list[dict], failed: dict, in
     out.mkdir(parents=True, exist_ok=True)
     seeds = ", ".join(map(str, args.seeds))
     proc = platform.processor() or platform.machine()
-    machine = (f"Machine: {proc}{f' ({cpu_name()})' if cpu_name() else ''}, {os.cpu_count()} cores, "
-               f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU only; one process. Load "
-               f"average at start {info['load0']:.1f}, at end {info['load1']:.1f}: other processes shared the cores, "
-               "so the wall seconds are indicative only (the losses do not depend on them); torchao's first run "
-               "of each model shape also includes its torch.compile time (hence the median).")
+    machine = (
+        f"Machine: {proc}{f' ({cpu_name()})' if cpu_name() else ''}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU only; one process. Load "
+        f"average at start {info['load0']:.1f}, at end {info['load1']:.1f}: other processes shared the cores, "
+        "so the wall seconds are indicative only (the losses do not depend on them); torchao's first run "
+        "of each model shape also includes its torch.compile time (hence the median)."
+    )
     if torch.get_num_threads() == 1:
-        machine += (" One thread (--threads 1): on this shared 2-core machine two OpenMP threads wait on each other "
-                    "whenever another process holds a core, which made steps several times slower in trial runs.")
+        machine += (
+            " One thread (--threads 1): on this shared 2-core machine two OpenMP threads wait on each other "
+            "whenever another process holds a core, which made steps several times slower in trial runs."
+        )
     n_gpt = sum(len(r["grid"]) + len(r["runs"]) - (r["grid_len"] == args.steps) for r in gpt)
     n_dig = sum(len(r["grid"]) + len(r["runs"]) - 1 for r in digits)
-    lines = ["# Convergence: MicroAdam against AdamW and 8-/4-bit AdamW", "", machine, "",
-             f"Run {'(--quick) ' if args.quick else ''}took {info['minutes']:.1f} minutes: {n_gpt} GPT runs and "
-             f"{n_dig} digits runs; seeds {seeds} at the chosen learning rate, tuned on seed {args.seeds[0]}. "
-             "Weight decay 0 for every optimizer; MicroAdam at its defaults (window 10, density 0.01, block 4096, "
-             "quantization buckets 2048). `adamw` is torch.optim.AdamW(foreach=True); the fused AdamW is the same "
-             "algorithm (numerically the same up to rounding), so it is not run separately. State bytes/param: "
-             "exact bytes of the optimizer state after training (MicroAdam: `state_bytes()`; torchao: the inner "
-             "tensors of its quantized state; a storage shared between parameters counted once) divided by the "
-             "model's parameter count. Parameters under 4096 elements keep 32-bit state in bitsandbytes and "
-             "torchao, which is why their figures exceed 2 (8-bit) and 1 (4-bit).", ""]
+    lines = [
+        "# Convergence: MicroAdam against AdamW and 8-/4-bit AdamW",
+        "",
+        machine,
+        "",
+        f"Run {'(--quick) ' if args.quick else ''}took {info['minutes']:.1f} minutes: {n_gpt} GPT runs and "
+        f"{n_dig} digits runs; seeds {seeds} at the chosen learning rate, tuned on seed {args.seeds[0]}. "
+        "Weight decay 0 for every optimizer; MicroAdam at its defaults (window 10, density 0.01, block 4096, "
+        "quantization buckets 2048). `adamw` is torch.optim.AdamW(foreach=True); the fused AdamW is the same "
+        "algorithm (numerically the same up to rounding), so it is not run separately. State bytes/param: "
+        "exact bytes of the optimizer state after training (MicroAdam: `state_bytes()`; torchao: the inner "
+        "tensors of its quantized state; a storage shared between parameters counted once) divided by the "
+        "model's parameter count. Parameters under 4096 elements keep 32-bit state in bitsandbytes and "
+        "torchao, which is why their figures exceed 2 (8-bit) and 1 (4-bit).",
+        "",
+    ]
     a = args
-    lines += ["## A. Small GPT on the CPython documentation corpus", "",
-              f"GPT(n_layer={a.layers}, n_embd={a.width}, n_head={a.heads}, block_size={a.context}), "
-              f"{gpt[0]['runs'][-1].num_params if gpt else '?':,} parameters; batch {a.batch_size}, {a.steps} steps, "
-              f"linear warm-up {a.warmup} steps then cosine decay to 0; validation loss = mean over 8 fixed batches "
-              "of the validation split (generator seeded 1234), as in microadam_dist.train.", ""]
+    lines += [
+        "## A. Small GPT on the CPython documentation corpus",
+        "",
+        f"GPT(n_layer={a.layers}, n_embd={a.width}, n_head={a.heads}, block_size={a.context}), "
+        f"{gpt[0]['runs'][-1].num_params if gpt else '?':,} parameters; batch {a.batch_size}, {a.steps} steps, "
+        f"linear warm-up {a.warmup} steps then cosine decay to 0; validation loss = mean over 8 fixed batches "
+        "of the validation split (generator seeded 1234), as in microadam_dist.train.",
+        "",
+    ]
     if info["grid_steps"] != a.steps:
-        why = (f"to keep the run near {a.budget_minutes:g} minutes (measured seconds per step: "
-               f"{', '.join(f'{n} {t:.3f}' for n, t in info['per_step'].items())})" if info["per_step"]
-               else "as asked (--grid-steps)")
-        lines += [f"**Grid search shortened** {why}: the learning-rate tuning runs had {info['grid_steps']} steps "
-                  f"(schedule compressed to that length); the runs at the chosen rate have the full {a.steps} steps.",
-                  ""]
+        why = (
+            f"to keep the run near {a.budget_minutes:g} minutes (measured seconds per step: "
+            f"{', '.join(f'{n} {t:.3f}' for n, t in info['per_step'].items())})"
+            if info["per_step"]
+            else "as asked (--grid-steps)"
+        )
+        lines += [
+            f"**Grid search shortened** {why}: the learning-rate tuning runs had {info['grid_steps']} steps "
+            f"(schedule compressed to that length); the runs at the chosen rate have the full {a.steps} steps.",
+            "",
+        ]
     lines += table(GPTTask, gpt) + [""]
-    lines += ["## B. MLP on scikit-learn's digits", "",
-              f"64-256-256-10 MLP with GELU, {digits[0]['runs'][-1].num_params if digits else '?':,} parameters; "
-              f"1400 train / 397 test images (fixed permutation, standardized with the training statistics), "
-              f"cross-entropy, mini-batches of {DigitsTask.batch_size}, {a.epochs} epochs, warm-up one epoch then "
-              "cosine decay to 0. State bytes/param here are measured on this MLP.", ""]
+    lines += [
+        "## B. MLP on scikit-learn's digits",
+        "",
+        f"64-256-256-10 MLP with GELU, {digits[0]['runs'][-1].num_params if digits else '?':,} parameters; "
+        f"1400 train / 397 test images (fixed permutation, standardized with the training statistics), "
+        f"cross-entropy, mini-batches of {DigitsTask.batch_size}, {a.epochs} epochs, warm-up one epoch then "
+        "cosine decay to 0. State bytes/param here are measured on this MLP.",
+        "",
+    ]
     lines += table(DigitsTask, digits) + [""]
     lines += ["## Optimizers that did not run", ""]
     lines += [f"- {k}: {v}" for k, v in failed.items()] or ["- none: every optimizer ran on both tasks."]
-    lines += ["", "## Goal check", "", goal_check(gpt), "",
-              f"These are small models, short runs and {len(args.seeds)} seed(s) on one machine; the learning rates "
-              f"come from a {max((len(r['grid']) for r in gpt + digits), default=0)}-point grid, so differences "
-              "of the order of the seed standard deviation are not meaningful.", "",
-              "Plots: convergence_gpt.png (training loss, trailing mean over 10 steps, mean over seeds, band = "
-              "min-max over seeds) and convergence_digits.png (test loss per epoch, same idea).", ""]
+    lines += [
+        "",
+        "## Goal check",
+        "",
+        goal_check(gpt),
+        "",
+        f"These are small models, short runs and {len(args.seeds)} seed(s) on one machine; the learning rates "
+        f"come from a {max((len(r['grid']) for r in gpt + digits), default=0)}-point grid, so differences "
+        "of the order of the seed standard deviation are not meaningful.",
+        "",
+        "Plots: convergence_gpt.png (training loss, trailing mean over 10 steps, mean over seeds, band = "
+        "min-max over seeds) and convergence_digits.png (test loss per epoch, same idea).",
+        "",
+    ]
     (out / "convergence.md").write_text("\n".join(lines))
-    plot(gpt, out / "convergence_gpt.png", "Small GPT: training loss at the chosen lr", "step",
-         "training loss (10-step mean)", 10)
+    plot(
+        gpt,
+        out / "convergence_gpt.png",
+        "Small GPT: training loss at the chosen lr",
+        "step",
+        "training loss (10-step mean)",
+        10,
+    )
     plot(digits, out / "convergence_digits.png", "Digits MLP: test loss at the chosen lr", "epoch", "test loss", 1)
     print(f"wrote {out / 'convergence.md'}, convergence_gpt.png and convergence_digits.png", flush=True)
 
@@ -423,17 +510,33 @@ def write(out: Path, args, gpt: list[dict], digits: list[dict], failed: dict, in
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI-sized: 40 steps, 5 epochs, 1 seed, 1 lr per optimizer")
-    ap.add_argument("--out", default=None, help="output directory (default benchmarks/results; "
-                                                "--quick without --out writes to a temporary directory)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default benchmarks/results; --quick without --out writes to a temporary directory)",
+    )
     ap.add_argument("--steps", type=int, default=None, help="GPT steps (default 300, --quick 40)")
     ap.add_argument("--epochs", type=int, default=None, help="digits epochs (default 40, --quick 5)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
-    ap.add_argument("--optimizers", nargs="+", default=OPTIMIZERS,
-                    help="names from benchmarks/optimizers.py; microadam:density=0.02,window_size=5 for a variant")
-    ap.add_argument("--gpt-microadam-lrs", type=float, nargs="+", default=None,
-                    help=f"the GPT grid for MicroAdam (default {GRIDS['gpt']['microadam']})")
-    ap.add_argument("--budget-minutes", type=float, default=25.0,
-                    help="aim for the whole run; only the GPT grid-search runs are shortened (0: no limit)")
+    ap.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=OPTIMIZERS,
+        help="names from benchmarks/optimizers.py; microadam:density=0.02,window_size=5 for a variant",
+    )
+    ap.add_argument(
+        "--gpt-microadam-lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"the GPT grid for MicroAdam (default {GRIDS['gpt']['microadam']})",
+    )
+    ap.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=25.0,
+        help="aim for the whole run; only the GPT grid-search runs are shortened (0: no limit)",
+    )
     ap.add_argument("--grid-steps", type=int, default=None, help="GPT tuning-run length (skips the estimate)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is steadier on a busy machine)")
     ap.add_argument("--layers", type=int, default=2)
@@ -466,14 +569,25 @@ def main(argv=None):
         print(f"gpt: measuring step times ({left / 60:.1f} minutes of the budget left)", flush=True)
         grid_steps, per_step, estimate = plan_grid_steps(gpt_task, names, args.seeds, args.steps, left, failed)
         names = [n for n in names if n in per_step]
-        print(f"gpt: grid-search runs of {grid_steps} steps; estimated {estimate / 60:.1f} minutes for the GPT"
-              + (" (over the budget even so: the runs at the chosen rate keep their full length)"
-                 if estimate > left else ""), flush=True)
+        print(
+            f"gpt: grid-search runs of {grid_steps} steps; estimated {estimate / 60:.1f} minutes for the GPT"
+            + (
+                " (over the budget even so: the runs at the chosen rate keep their full length)"
+                if estimate > left
+                else ""
+            ),
+            flush=True,
+        )
     print(f"gpt: {args.steps} steps, seeds {args.seeds}", flush=True)
     gpt = run_task(gpt_task, names, args.seeds, args.steps, {n: grid_steps for n in names}, args.quick, failed)
 
-    info = dict(load0=load0, load1=os.getloadavg()[0], minutes=(time.perf_counter() - start) / 60,
-                grid_steps=grid_steps, per_step=per_step)
+    info = dict(
+        load0=load0,
+        load1=os.getloadavg()[0],
+        minutes=(time.perf_counter() - start) / 60,
+        grid_steps=grid_steps,
+        per_step=per_step,
+    )
     write(out, args, gpt, digits, failed, info)
     print(f"total {info['minutes']:.1f} minutes", flush=True)
 

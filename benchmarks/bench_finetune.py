@@ -39,21 +39,33 @@ import time
 from pathlib import Path
 
 import torch
+from optimizers import make, state_bytes
 
 from microadam_dist.data import get_batch, split_corpus
 from microadam_dist.models import GPT, GPTConfig
-from optimizers import make, state_bytes
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CACHE = HERE / ".cache" / "finetune"
 FINETUNE_MODULES = ["argparse", "dataclasses", "functools", "inspect", "typing", "textwrap", "shutil", "contextlib"]
-OPTIMIZERS = ["adamw", "microadam", "torchao_adamw4bit", "bnb_adamw8bit", "microadam:window_size=20",
-              "microadam:alpha=0.5", "torchao_adamw8bit"]
-LABELS = {"adamw": "AdamW (fp32)", "microadam": "MicroAdam (defaults: m=10, 1%)",
-          "microadam:window_size=20": "MicroAdam m=20", "microadam:alpha=0.5": "MicroAdam alpha=0.5",
-          "bnb_adamw8bit": "bitsandbytes AdamW8bit", "torchao_adamw8bit": "torchao AdamW8bit",
-          "torchao_adamw4bit": "torchao AdamW4bit"}
+OPTIMIZERS = [
+    "adamw",
+    "microadam",
+    "torchao_adamw4bit",
+    "bnb_adamw8bit",
+    "microadam:window_size=20",
+    "microadam:alpha=0.5",
+    "torchao_adamw8bit",
+]
+LABELS = {
+    "adamw": "AdamW (fp32)",
+    "microadam": "MicroAdam (defaults: m=10, 1%)",
+    "microadam:window_size=20": "MicroAdam m=20",
+    "microadam:alpha=0.5": "MicroAdam alpha=0.5",
+    "bnb_adamw8bit": "bitsandbytes AdamW8bit",
+    "torchao_adamw8bit": "torchao AdamW8bit",
+    "torchao_adamw4bit": "torchao AdamW4bit",
+}
 # starting grids (factors of 3), extended at a winning edge; MicroAdam's best rates in the 40-step run were
 # 3e-3 (its grid started at 1e-4 then)
 GRIDS = {"microadam": [3e-4, 1e-3, 3e-3], "adam": [3e-4, 1e-3, 3e-3]}
@@ -86,9 +98,19 @@ class Bench:
         self.ft_train, self.ft_val = finetune_corpus()
         self.cache = Path(a.cache)
         self.cache.mkdir(parents=True, exist_ok=True)
-        self.key = hashlib.sha256(json.dumps([vars(self.cfg), a.pretrain_steps, a.pretrain_lr, a.batch_size,
-                                              FINETUNE_MODULES, platform.python_version(),
-                                              torch.__version__]).encode()).hexdigest()[:12]
+        self.key = hashlib.sha256(
+            json.dumps(
+                [
+                    vars(self.cfg),
+                    a.pretrain_steps,
+                    a.pretrain_lr,
+                    a.batch_size,
+                    FINETUNE_MODULES,
+                    platform.python_version(),
+                    torch.__version__,
+                ]
+            ).encode()
+        ).hexdigest()[:12]
 
     @torch.no_grad()
     def evaluate(self, model: GPT, data: torch.Tensor) -> float:
@@ -116,8 +138,12 @@ class Bench:
             opt.step()
             if step % 100 == 0:
                 print(f"  pretrain step {step}: loss {loss.item():.3f}", flush=True)
-        out = {"state": model.state_dict(), "seconds": time.perf_counter() - start,
-               "doc_val": self.evaluate(model, self.pre_val), "code_val": self.evaluate(model, self.ft_val)}
+        out = {
+            "state": model.state_dict(),
+            "seconds": time.perf_counter() - start,
+            "doc_val": self.evaluate(model, self.pre_val),
+            "code_val": self.evaluate(model, self.ft_val),
+        }
         torch.save(out, path)
         return out
 
@@ -135,8 +161,9 @@ class Bench:
         start = time.perf_counter()
         for step in range(a.steps):
             set_lr(opt, lr * lr_factor(step, a.steps, a.warmup))
-            x, y = get_batch(self.ft_train, a.batch_size, a.context,
-                             torch.Generator().manual_seed(seed * 100003 + step))
+            x, y = get_batch(
+                self.ft_train, a.batch_size, a.context, torch.Generator().manual_seed(seed * 100003 + step)
+            )
             loss = model(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -144,12 +171,22 @@ class Bench:
             losses.append(loss.item())
         seconds = time.perf_counter() - start
         final = self.evaluate(model, self.ft_val)
-        out = dict(name=name, lr=lr, seed=seed, final=final if math.isfinite(final) else float("inf"),
-                   doc_val=self.evaluate(model, self.pre_val), curve=losses, seconds=seconds,
-                   bpp=state_bytes(opt) / sum(p.numel() for p in model.parameters()))
+        out = dict(
+            name=name,
+            lr=lr,
+            seed=seed,
+            final=final if math.isfinite(final) else float("inf"),
+            doc_val=self.evaluate(model, self.pre_val),
+            curve=losses,
+            seconds=seconds,
+            bpp=state_bytes(opt) / sum(p.numel() for p in model.parameters()),
+        )
         path.write_text(json.dumps(out))
-        print(f"  {name:>26} lr {lr:g} seed {seed}: val {out['final']:.4f} (docs {out['doc_val']:.4f}) "
-              f"in {seconds:.0f} s", flush=True)
+        print(
+            f"  {name:>26} lr {lr:g} seed {seed}: val {out['final']:.4f} (docs {out['doc_val']:.4f}) "
+            f"in {seconds:.0f} s",
+            flush=True,
+        )
         return out
 
     def sweep(self, name: str, fixed_lr: float | None = None) -> dict:
@@ -168,8 +205,14 @@ class Bench:
         best = min(tried, key=lambda lr: tried[lr]["final"])
         runs = [tried[best]] + [self.run(name, best, s) for s in range(1, self.a.seeds)]
         inside = len(tried) == 1 or min(tried) < best < max(tried)
-        return dict(name=name, lr=best, grid={lr: tried[lr]["final"] for lr in sorted(tried)}, runs=runs,
-                    inside=inside, tuned=fixed_lr is None)
+        return dict(
+            name=name,
+            lr=best,
+            grid={lr: tried[lr]["final"] for lr in sorted(tried)},
+            runs=runs,
+            inside=inside,
+            tuned=fixed_lr is None,
+        )
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -177,8 +220,16 @@ def summary(res: dict) -> dict:
     f = [r["final"] for r in res["runs"]]
     d = [r["doc_val"] for r in res["runs"]]
     sd = statistics.stdev(f) if len(f) > 1 else float("nan")
-    return dict(mean=statistics.fmean(f), std=sd, lo=min(f), hi=max(f), doc=statistics.fmean(d), n=len(f),
-                bpp=res["runs"][0]["bpp"], seconds=statistics.median(r["seconds"] for r in res["runs"]))
+    return dict(
+        mean=statistics.fmean(f),
+        std=sd,
+        lo=min(f),
+        hi=max(f),
+        doc=statistics.fmean(d),
+        n=len(f),
+        bpp=res["runs"][0]["bpp"],
+        seconds=statistics.median(r["seconds"] for r in res["runs"]),
+    )
 
 
 def report(bench: Bench, results: list[dict], failed: dict, out: Path, wall: float) -> None:
@@ -186,34 +237,49 @@ def report(bench: Bench, results: list[dict], failed: dict, out: Path, wall: flo
     nparams = sum(p.numel() for p in GPT(bench.cfg).parameters())
     sums = {r["name"]: summary(r) for r in results}
     base = sums.get("adamw")
-    lines = ["# Fine-tuning benchmark (bench_finetune.py)", "",
-             f"Model: byte-level GPT, {a.layers} layers, width {a.width}, {a.heads} heads, context {a.context}: "
-             f"**{nparams / 1e6:.2f}M parameters**. Pretrained once with AdamW (lr {a.pretrain_lr:g}, "
-             f"{a.pretrain_steps} steps of batch {a.batch_size}) on the CPython documentation topics: "
-             f"validation loss {pre['doc_val']:.4f} on the documentation, {pre['code_val']:.4f} on the "
-             f"fine-tuning text before fine-tuning.",
-             f"Fine-tuning text: the source of {', '.join(FINETUNE_MODULES)} (Python {platform.python_version()}), "
-             f"{len(bench.ft_train) / 1e3:.0f} kB train / {len(bench.ft_val) / 1e3:.0f} kB validation. "
-             f"{a.steps} steps of batch {a.batch_size} x {a.context} bytes, warm-up {a.warmup}, cosine to 0, "
-             "no weight decay. Learning rate tuned on seed 0 (grid of factors of 3, extended until the best "
-             f"rate is inside), then {a.seeds} seeds at that rate (seed = batch order).",
-             f"One thread (torch {torch.__version__}, {platform.machine()}), wall {wall / 60:.1f} min for the runs "
-             "not already cached.", "", f"Command: `python benchmarks/bench_finetune.py {' '.join(sys.argv[1:])}`", "",
-             "| optimizer | lr (chosen) | final val loss mean ± std (min-max) | ratio to AdamW | "
-             "docs val loss after (forgetting) | state bytes/param | wall s per run |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Fine-tuning benchmark (bench_finetune.py)",
+        "",
+        f"Model: byte-level GPT, {a.layers} layers, width {a.width}, {a.heads} heads, context {a.context}: "
+        f"**{nparams / 1e6:.2f}M parameters**. Pretrained once with AdamW (lr {a.pretrain_lr:g}, "
+        f"{a.pretrain_steps} steps of batch {a.batch_size}) on the CPython documentation topics: "
+        f"validation loss {pre['doc_val']:.4f} on the documentation, {pre['code_val']:.4f} on the "
+        f"fine-tuning text before fine-tuning.",
+        f"Fine-tuning text: the source of {', '.join(FINETUNE_MODULES)} (Python {platform.python_version()}), "
+        f"{len(bench.ft_train) / 1e3:.0f} kB train / {len(bench.ft_val) / 1e3:.0f} kB validation. "
+        f"{a.steps} steps of batch {a.batch_size} x {a.context} bytes, warm-up {a.warmup}, cosine to 0, "
+        "no weight decay. Learning rate tuned on seed 0 (grid of factors of 3, extended until the best "
+        f"rate is inside), then {a.seeds} seeds at that rate (seed = batch order).",
+        f"One thread (torch {torch.__version__}, {platform.machine()}), wall {wall / 60:.1f} min for the runs "
+        "not already cached.",
+        "",
+        f"Command: `python benchmarks/bench_finetune.py {' '.join(sys.argv[1:])}`",
+        "",
+        "| optimizer | lr (chosen) | final val loss mean ± std (min-max) | ratio to AdamW | "
+        "docs val loss after (forgetting) | state bytes/param | wall s per run |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for res in results:
         s = sums[res["name"]]
         ratio = f"{s['mean'] / base['mean']:.4f}" if base else "-"
         note = "" if res["inside"] else " (edge)"
         note = note if res.get("tuned", True) else " (base optimizer's, not tuned)"
-        lines.append(f"| {LABELS.get(res['name'], res['name'])} | {res['lr']:g}{note} | "
-                     f"{s['mean']:.4f} ± {s['std']:.4f} ({s['lo']:.4f}-{s['hi']:.4f}) | {ratio} | "
-                     f"{s['doc']:.4f} | {s['bpp']:.3f} | {s['seconds']:.0f} |")
-    lines += ["", "Learning-rate grid (final validation loss of the seed-0 run):", "",
-              "| optimizer | val loss per lr |", "|---|---|"]
+        lines.append(
+            f"| {LABELS.get(res['name'], res['name'])} | {res['lr']:g}{note} | "
+            f"{s['mean']:.4f} ± {s['std']:.4f} ({s['lo']:.4f}-{s['hi']:.4f}) | {ratio} | "
+            f"{s['doc']:.4f} | {s['bpp']:.3f} | {s['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "Learning-rate grid (final validation loss of the seed-0 run):",
+        "",
+        "| optimizer | val loss per lr |",
+        "|---|---|",
+    ]
     for res in results:
-        cells = ", ".join(f"{lr:g}: {v:.4f}" + (" **(chosen)**" if lr == res["lr"] else "") for lr, v in res["grid"].items())
+        cells = ", ".join(
+            f"{lr:g}: {v:.4f}" + (" **(chosen)**" if lr == res["lr"] else "") for lr, v in res["grid"].items()
+        )
         lines.append(f"| {LABELS.get(res['name'], res['name'])} | {cells} |")
     edge = [LABELS.get(r["name"], r["name"]) for r in results if not r["inside"] and r.get("tuned", True)]
     if edge:
@@ -241,17 +307,30 @@ def plot(results: list[dict], sums: dict, out: Path) -> None:
         lrs = list(res["grid"])
         ax1.plot(lrs, [res["grid"][lr] for lr in lrs], "o-", label=label)
         s = sums[res["name"]]
-        ax2.errorbar([s["bpp"]], [s["mean"]], yerr=[[s["mean"] - s["lo"]], [s["hi"] - s["mean"]]], fmt="o",
-                     capsize=4, label=label)
+        ax2.errorbar(
+            [s["bpp"]],
+            [s["mean"]],
+            yerr=[[s["mean"] - s["lo"]], [s["hi"] - s["mean"]]],
+            fmt="o",
+            capsize=4,
+            label=label,
+        )
         curves = [r["curve"] for r in res["runs"]]
         mean = [statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))]
         w = 5  # moving average over 5 steps
-        ax3.plot([statistics.fmean(mean[max(0, i - w + 1):i + 1]) for i in range(len(mean))], label=label)
+        ax3.plot([statistics.fmean(mean[max(0, i - w + 1) : i + 1]) for i in range(len(mean))], label=label)
     ax1.set(xscale="log", xlabel="learning rate", ylabel="final val loss (seed 0)", title="learning-rate grids")
-    ax2.set(xscale="log", xlabel="optimizer state bytes / parameter", ylabel="final val loss (mean, min-max of seeds)",
-            title="quality vs memory")
-    ax3.set(xlabel="fine-tuning step", ylabel="training loss (mean of seeds, 5-step average)",
-            title="training curves at the chosen rate")
+    ax2.set(
+        xscale="log",
+        xlabel="optimizer state bytes / parameter",
+        ylabel="final val loss (mean, min-max of seeds)",
+        title="quality vs memory",
+    )
+    ax3.set(
+        xlabel="fine-tuning step",
+        ylabel="training loss (mean of seeds, 5-step average)",
+        title="training curves at the chosen rate",
+    )
     ax2.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
     ax2.minorticks_off()
     for ax in (ax1, ax2, ax3):
@@ -276,8 +355,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--max-extend", type=int, default=3, help="grid extensions per optimizer")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reuse-lr", default="", help="comma-separated optimizers run at the rate chosen for their "
-                    "base (microadam for microadam:..., adamw otherwise; listed earlier) instead of a grid")
+    ap.add_argument(
+        "--reuse-lr",
+        default="",
+        help="comma-separated optimizers run at the rate chosen for their "
+        "base (microadam for microadam:..., adamw otherwise; listed earlier) instead of a grid",
+    )
     ap.add_argument("--cache", default=str(CACHE))
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny model, 10 steps, 1 seed, 1 lr")

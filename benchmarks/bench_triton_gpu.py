@@ -73,8 +73,13 @@ def time_ms(fn, repeats: int) -> tuple[float, float, float]:
 
 
 def roofline_rows(sizes, dtypes, repeats) -> list[str]:
-    rows = ["", "## Memory floor (same run)", "",
-            "| dtype | elements | copy_ (ms) | sum() (ms) | copy_ GB/s |", "|---|---|---|---|---|"]
+    rows = [
+        "",
+        "## Memory floor (same run)",
+        "",
+        "| dtype | elements | copy_ (ms) | sum() (ms) | copy_ GB/s |",
+        "|---|---|---|---|---|",
+    ]
     for name in dtypes:
         for n in map(int, sizes):
             x = torch.randn(n, device="cuda", dtype=DTYPES[name])
@@ -92,9 +97,14 @@ def roofline_rows(sizes, dtypes, repeats) -> list[str]:
 def model_rows(dtypes, repeats) -> list[str]:
     shapes = llama7b_fsdp8_shapes()
     total = sum(torch.Size(s).numel() for s in shapes)
-    rows = ["", f"## Llama-7B at FSDP2 / 8 ranks: {len(shapes)} tensors, {total:,} elements on one rank", "",
-            "| dtype | fused AdamW, list (ms) | MicroAdam Triton, list (ms) | MicroAdam Triton, one tensor (ms) | "
-            "list / one tensor | Triton / fused (list) |", "|---|---|---|---|---|---|"]
+    rows = [
+        "",
+        f"## Llama-7B at FSDP2 / 8 ranks: {len(shapes)} tensors, {total:,} elements on one rank",
+        "",
+        "| dtype | fused AdamW, list (ms) | MicroAdam Triton, list (ms) | MicroAdam Triton, one tensor (ms) | "
+        "list / one tensor | Triton / fused (list) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in dtypes:
         dtype = DTYPES[name]
         params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in shapes]
@@ -109,15 +119,21 @@ def model_rows(dtypes, repeats) -> list[str]:
         single = median_step_ms(MicroAdam([one], lr=1e-5, backend="triton"), 12, repeats)
         del one
         torch.cuda.empty_cache()
-        rows.append(f"| {name} | {fmt(fused)} | {fmt(listed)} | {fmt(single)} | {listed[0] / single[0]:.2f} | "
-                    f"{listed[0] / fused[0]:.2f} |")
+        rows.append(
+            f"| {name} | {fmt(fused)} | {fmt(listed)} | {fmt(single)} | {listed[0] / single[0]:.2f} | "
+            f"{listed[0] / fused[0]:.2f} |"
+        )
         print(rows[-1], flush=True)
     return rows
 
 
 def state_bytes(opt) -> int:
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-               if torch.is_tensor(t) and t.device.type == "cuda")
+    return sum(
+        t.numel() * t.element_size()
+        for s in opt.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.device.type == "cuda"
+    )
 
 
 def fmt(t) -> str:
@@ -129,23 +145,29 @@ def main(argv=None):
     ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8, 1e9])
     ap.add_argument("--dtypes", choices=list(DTYPES), nargs="+", default=["bf16", "fp32"])
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--reference-max", type=float, default=1e8,
-                    help="largest size at which the PyTorch reference path is timed too")
+    ap.add_argument(
+        "--reference-max", type=float, default=1e8, help="largest size at which the PyTorch reference path is timed too"
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "triton_gpu.md")
     ap.add_argument("--roofline", action="store_true", help="also time copy_ and sum() at each size")
     ap.add_argument("--model", choices=["llama7b-fsdp8"], help="also time a model-shaped parameter list")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench_triton_gpu.py needs a CUDA device (none found); the CPU numbers come "
-                         "from bench_baselines.py")
-    rows = [f"# MicroAdam step on {torch.cuda.get_device_name()} vs torch AdamW", "",
-            f"torch {torch.__version__}; one parameter of each size, fixed gradient, default MicroAdam "
-            f"hyperparameters (window 10, density 1%, blocks 4096, buckets 2048); median of {args.repeats} "
-            "steps after warm-up (min-max), CUDA events. GB/s: the Triton path's bytes on the traffic "
-            "model divided by its median time.", "",
-            "| dtype | elements | fused AdamW (ms) | foreach AdamW (ms) | MicroAdam Triton (ms) | "
-            "MicroAdam torch (ms) | Triton / fused | Triton GB/s | state B/param AdamW / MicroAdam |",
-            "|---|---|---|---|---|---|---|---|---|"]
+        raise SystemExit(
+            "bench_triton_gpu.py needs a CUDA device (none found); the CPU numbers come from bench_baselines.py"
+        )
+    rows = [
+        f"# MicroAdam step on {torch.cuda.get_device_name()} vs torch AdamW",
+        "",
+        f"torch {torch.__version__}; one parameter of each size, fixed gradient, default MicroAdam "
+        f"hyperparameters (window 10, density 1%, blocks 4096, buckets 2048); median of {args.repeats} "
+        "steps after warm-up (min-max), CUDA events. GB/s: the Triton path's bytes on the traffic "
+        "model divided by its median time.",
+        "",
+        "| dtype | elements | fused AdamW (ms) | foreach AdamW (ms) | MicroAdam Triton (ms) | "
+        "MicroAdam torch (ms) | Triton / fused | Triton GB/s | state B/param AdamW / MicroAdam |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in args.dtypes:
         dtype = DTYPES[name]
         nbytes = torch.finfo(dtype).bits // 8
@@ -153,10 +175,12 @@ def main(argv=None):
             p = torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dtype))
             p.grad = torch.randn_like(p)
             times = {}
-            for label, make in [("fused", lambda p=p: torch.optim.AdamW([p], lr=1e-5, fused=True)),
-                                ("foreach", lambda p=p: torch.optim.AdamW([p], lr=1e-5, foreach=True)),
-                                ("triton", lambda p=p: MicroAdam([p], lr=1e-5, backend="triton")),
-                                ("torch", lambda p=p: MicroAdam([p], lr=1e-5, backend="torch"))]:
+            for label, make in [
+                ("fused", lambda p=p: torch.optim.AdamW([p], lr=1e-5, fused=True)),
+                ("foreach", lambda p=p: torch.optim.AdamW([p], lr=1e-5, foreach=True)),
+                ("triton", lambda p=p: MicroAdam([p], lr=1e-5, backend="triton")),
+                ("torch", lambda p=p: MicroAdam([p], lr=1e-5, backend="torch")),
+            ]:
                 if label == "torch" and n > args.reference_max:
                     times[label] = None
                     continue
@@ -167,10 +191,12 @@ def main(argv=None):
                 torch.cuda.empty_cache()
             traffic = sum(triton_path(nbytes, nbytes, False).values()) * n
             bandwidth = traffic / (times["triton"][0] / 1e3) / 1e9
-            rows.append(f"| {name} | {n:,} | {fmt(times['fused'])} | {fmt(times['foreach'])} | "
-                        f"{fmt(times['triton'])} | {fmt(times['torch'])} | "
-                        f"{times['triton'][0] / times['fused'][0]:.2f} | {bandwidth:.0f} | "
-                        f"{times['fused_bytes']:.2f} / {times['triton_bytes']:.3f} |")
+            rows.append(
+                f"| {name} | {n:,} | {fmt(times['fused'])} | {fmt(times['foreach'])} | "
+                f"{fmt(times['triton'])} | {fmt(times['torch'])} | "
+                f"{times['triton'][0] / times['fused'][0]:.2f} | {bandwidth:.0f} | "
+                f"{times['fused_bytes']:.2f} / {times['triton_bytes']:.3f} |"
+            )
             print(rows[-1], flush=True)
             del p
             torch.cuda.empty_cache()

@@ -18,8 +18,18 @@ import sys
 import tempfile
 import time
 
-PATHS = ["fsdp2", "fsdp2_offload", "fsdp1", "zero1", "zero2", "zero3", "zero1_offload", "zero2_offload",
-         "zero3_offload", "main_job"]
+PATHS = [
+    "fsdp2",
+    "fsdp2_offload",
+    "fsdp1",
+    "zero1",
+    "zero2",
+    "zero3",
+    "zero1_offload",
+    "zero2_offload",
+    "zero3_offload",
+    "main_job",
+]
 
 
 def _model(device):
@@ -110,8 +120,12 @@ def _train(path: str, device, cuda: bool, tmp: str) -> str:
         zero = {"stage": stage}
         if path.endswith("offload"):
             zero["offload_optimizer"] = {"device": "cpu"}
-        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": zero, "bf16": {"enabled": cuda},
-                  "optimizer": {"type": "MicroAdam", "params": {"lr": 1e-3}}}
+        config = {
+            "train_micro_batch_size_per_gpu": 2,
+            "zero_optimization": zero,
+            "bf16": {"enabled": cuda},
+            "optimizer": {"type": "MicroAdam", "params": {"lr": 1e-3}},
+        }
         engine, *_ = deepspeed_zero.initialize(_model(device), config)
         for x, y in _batches(engine.device):
             engine.backward(engine(x, y))
@@ -137,10 +151,12 @@ def main() -> None:
     for path in PATHS:
         start = time.perf_counter()
         cmd = torchrun_command(1, ["--path", path])
-        cmd[cmd.index("-m", 3):cmd.index("-m", 3) + 2] = [os.path.abspath(__file__)]  # a script, not a module
+        cmd[cmd.index("-m", 3) : cmd.index("-m", 3) + 2] = [os.path.abspath(__file__)]  # a script, not a module
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        result = next((line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("RESULT")),
-                      f"FAILED (exit {proc.returncode})")
+        result = next(
+            (line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("RESULT")),
+            f"FAILED (exit {proc.returncode})",
+        )
         if proc.returncode != 0 and not result.startswith("FAILED"):
             result = f"FAILED (exit {proc.returncode} after: {result})"
         failures += result.startswith("FAILED")

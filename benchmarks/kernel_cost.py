@@ -18,6 +18,7 @@ kernels of one step, fast paths: ``step instructions per element: bf16 B fp32 F`
 
   python benchmarks/kernel_cost.py [--json benchmarks/results/kernel_cost.json] [--arch 90]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from microadam_dist.functional import StepConfig  # noqa: E402
-from microadam_dist.state import StateLayout  # noqa: E402
 from microadam_dist.geometry import geometry_for  # noqa: E402
 from microadam_dist.kernels import triton_path  # noqa: E402
+from microadam_dist.state import StateLayout  # noqa: E402
 
 BLOCK, DENSITY, WINDOW, BUCKET = 4096, 0.01, 10, 2048
 BLOCKS = 8  # blocks of the recorded parameter (one row): the kernels do not depend on the count
@@ -67,13 +68,18 @@ def record_step(dtype: torch.dtype, weight_decay: float = 0.0) -> list:
     param = torch.zeros(geom.numel, dtype=dtype)
     grad = torch.zeros(geom.numel, dtype=dtype)
     state = StateLayout(geom, WINDOW).zeros("cpu")
-    cfg = StepConfig(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay,
-                     window_size=WINDOW, step=WINDOW)  # step 10: the window is full
+    cfg = StepConfig(
+        lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, window_size=WINDOW, step=WINDOW
+    )  # step 10: the window is full
     launches: list = []
     # every kernel of every loaded module of the package's kernels (a helper module may launch its own)
-    kernels = [(mod, name, obj) for mod in list(sys.modules.values())
-               if getattr(mod, "__name__", "").startswith("microadam_dist.kernels")
-               for name, obj in list(vars(mod).items()) if isinstance(obj, triton.JITFunction)]
+    kernels = [
+        (mod, name, obj)
+        for mod in list(sys.modules.values())
+        if getattr(mod, "__name__", "").startswith("microadam_dist.kernels")
+        for name, obj in list(vars(mod).items())
+        if isinstance(obj, triton.JITFunction)
+    ]
     try:
         for mod, name, fn in kernels:
             setattr(mod, name, _Recorder(fn, launches))
@@ -82,8 +88,10 @@ def record_step(dtype: torch.dtype, weight_decay: float = 0.0) -> list:
         for mod, name, fn in kernels:
             setattr(mod, name, fn)
     if not launches:
-        raise RuntimeError("microadam_blocks_triton_ launched no kernel of triton_path: kernel_cost.py "
-                           "records the kernels defined in or imported into that module")
+        raise RuntimeError(
+            "microadam_blocks_triton_ launched no kernel of triton_path: kernel_cost.py "
+            "records the kernels defined in or imported into that module"
+        )
     return launches
 
 
@@ -109,8 +117,11 @@ def compile_launch(fn, args, kwargs, arch: int):
             signature[name] = ty
             if spec == "D":
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32), options=options)
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options=options,
+    )
     return compiled, options.get("num_warps", 4)
 
 
@@ -119,10 +130,12 @@ def sass_stats(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", f.name],
-                              capture_output=True, text=True, check=True).stdout
-        res = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-res-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run(
+            [os.path.join(bin_dir, "cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
+        res = subprocess.run(
+            [os.path.join(bin_dir, "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     finally:
         os.unlink(f.name)
     lines = [line for line in sass.splitlines() if SASS_LINE.match(line)]
@@ -132,13 +145,21 @@ def sass_stats(cubin: bytes) -> dict:
         if m:
             ops[m.group(2)] = ops.get(m.group(2), 0) + 1
     reg = re.search(r"REG:(\d+)", res)
-    return {"regs": int(reg.group(1)) if reg else None, "spill_loads": ops.get("LDL", 0),
-            "spill_stores": ops.get("STL", 0), "sass_instr": len(lines), "ops": ops}
+    return {
+        "regs": int(reg.group(1)) if reg else None,
+        "spill_loads": ops.get("LDL", 0),
+        "spill_stores": ops.get("STL", 0),
+        "sass_instr": len(lines),
+        "ops": ops,
+    }
 
 
 def _variant(fn, kwargs) -> str:
-    flags = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in kwargs.items()
-             if k in fn.arg_names and k not in ("HALF",)]
+    flags = [
+        f"{k}={int(v) if isinstance(v, bool) else v}"
+        for k, v in kwargs.items()
+        if k in fn.arg_names and k not in ("HALF",)
+    ]
     return f"{fn.__name__}({', '.join(flags)})"
 
 
@@ -158,15 +179,24 @@ def measure(arch: int = 90) -> dict:
                 stats["fast_path_per_element"] = stats["instr_per_element"]
                 if "RADIX_FALLBACK" in fn.arg_names:
                     fast, _ = compile_launch(fn, args, {**kwargs, "RADIX_FALLBACK": False}, arch)
-                    stats["fast_path_per_element"] = round(sass_stats(fast.asm["cubin"])["sass_instr"]
-                                                           * warps * 32 / BLOCK, 1)
+                    stats["fast_path_per_element"] = round(
+                        sass_stats(fast.asm["cubin"])["sass_instr"] * warps * 32 / BLOCK, 1
+                    )
                 kernels[name] = stats
             total += kernels[name]["fast_path_per_element"]
             whole += kernels[name]["instr_per_element"]
         step[label] = round(total, 1)
         step[label + "_whole_kernels"] = round(whole, 1)
-    return {"arch": f"sm_{arch}", "triton": triton.__version__, "block": BLOCK, "k": 41,
-            "window_entries": WINDOW * 41, "quant_bucket": BUCKET, "kernels": kernels, "step": step}
+    return {
+        "arch": f"sm_{arch}",
+        "triton": triton.__version__,
+        "block": BLOCK,
+        "k": 41,
+        "window_entries": WINDOW * 41,
+        "quant_bucket": BUCKET,
+        "kernels": kernels,
+        "step": step,
+    }
 
 
 def main() -> None:
@@ -176,21 +206,29 @@ def main() -> None:
     a = ap.parse_args()
     r = measure(a.arch)
     print(f"# Static cost of the Triton step's kernels on {r['arch']} (triton {r['triton']}, no GPU)\n")
-    print(f"Default geometry: block {BLOCK}, k = 41, {WINDOW * 41} window entries (full window of {WINDOW}), "
-          f"quant bucket {BUCKET}; launch configuration recorded from microadam_blocks_triton_.\n")
-    print("| kernel | warps | registers | spill loads / stores | SASS instructions | thread-instr / element "
-          "| fast path only | top opcodes |")
+    print(
+        f"Default geometry: block {BLOCK}, k = 41, {WINDOW * 41} window entries (full window of {WINDOW}), "
+        f"quant bucket {BUCKET}; launch configuration recorded from microadam_blocks_triton_.\n"
+    )
+    print(
+        "| kernel | warps | registers | spill loads / stores | SASS instructions | thread-instr / element "
+        "| fast path only | top opcodes |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, s in r["kernels"].items():
         top = ", ".join(f"{op} {n}" for op, n in sorted(s["ops"].items(), key=lambda kv: -kv[1])[:6])
-        print(f"| `{name}` | {s['num_warps']} | {s['regs']} | {s['spill_loads']} / {s['spill_stores']} | "
-              f"{s['sass_instr']} | {s['instr_per_element']} | {s['fast_path_per_element']} | {top} |")
+        print(
+            f"| `{name}` | {s['num_warps']} | {s['regs']} | {s['spill_loads']} / {s['spill_stores']} | "
+            f"{s['sass_instr']} | {s['instr_per_element']} | {s['fast_path_per_element']} | {top} |"
+        )
     print()
-    print("Static counts: the body of a loop left at run time counts once. Integer arguments are "
-          "specialized as the JIT does (4096 and zero offsets are 16-divisible). Fast path only: "
-          "`_compress` compiled without its radix-search branch (RADIX_FALLBACK=False), the branch taken "
-          "by a block whose top-k has more than 64 candidates; the step line sums the fast paths, the "
-          f"whole kernels sum to bf16 {r['step']['bf16_whole_kernels']} fp32 {r['step']['fp32_whole_kernels']}.\n")
+    print(
+        "Static counts: the body of a loop left at run time counts once. Integer arguments are "
+        "specialized as the JIT does (4096 and zero offsets are 16-divisible). Fast path only: "
+        "`_compress` compiled without its radix-search branch (RADIX_FALLBACK=False), the branch taken "
+        "by a block whose top-k has more than 64 candidates; the step line sums the fast paths, the "
+        f"whole kernels sum to bf16 {r['step']['bf16_whole_kernels']} fp32 {r['step']['fp32_whole_kernels']}.\n"
+    )
     print(f"step instructions per element: bf16 {r['step']['bf16']} fp32 {r['step']['fp32']}")
     if a.json:
         for s in r["kernels"].values():

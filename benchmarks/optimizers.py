@@ -33,7 +33,9 @@ def make(name: str, params, lr: float = 1e-4, **microadam_kwargs) -> torch.optim
     params = list(params)
     if name.startswith("microadam:"):  # a variant, e.g. "microadam:density=0.02,window_size=5"
         settings = dict(item.split("=") for item in name.split(":", 1)[1].split(","))
-        return MicroAdam(params, lr=lr, **{k: (int(v) if k == "window_size" else float(v)) for k, v in settings.items()})
+        return MicroAdam(
+            params, lr=lr, **{k: (int(v) if k == "window_size" else float(v)) for k, v in settings.items()}
+        )
     if name == "microadam":
         return MicroAdam(params, lr=lr, **microadam_kwargs)  # defaults: window 10, density 0.01
     if name in ("adamw", "adamw_foreach"):

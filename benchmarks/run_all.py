@@ -23,8 +23,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["microadam", "microadam:density=0.02", "microadam:density=0.05", "microadam:window_size=20",
-            "microadam:density=0.02,window_size=5"]
+VARIANTS = [
+    "microadam",
+    "microadam:density=0.02",
+    "microadam:density=0.05",
+    "microadam:window_size=20",
+    "microadam:density=0.02,window_size=5",
+]
 
 
 def main(argv=None):
@@ -36,15 +41,32 @@ def main(argv=None):
         ["bench_baselines.py", "--out", str(out)] + (["--quick", "--repeats", "2"] if args.quick else []),
         ["bench_convergence.py", "--out", str(out)] + (["--quick"] if args.quick else []),
         # MicroAdam's window and density against AdamW on the same tasks (one seed)
-        ["bench_convergence.py", "--out", str(out / "microadam_variants"), "--seeds", "0", "--threads", "1",
-         "--budget-minutes", "0", "--gpt-microadam-lrs", "1e-3", "2e-3", "5e-3", "--optimizers", "adamw", *VARIANTS]
+        [
+            "bench_convergence.py",
+            "--out",
+            str(out / "microadam_variants"),
+            "--seeds",
+            "0",
+            "--threads",
+            "1",
+            "--budget-minutes",
+            "0",
+            "--gpt-microadam-lrs",
+            "1e-3",
+            "2e-3",
+            "5e-3",
+            "--optimizers",
+            "adamw",
+            *VARIANTS,
+        ]
         + (["--quick"] if args.quick else []),
         # fine-tuning a pretrained 3.3M GPT (one thread, about 15 min of CPU with the pretraining)
         ["bench_finetune.py", "--out", str(out)] + (["--quick"] if args.quick else []),
         ["step_memory.py", "--out", str(out)] + (["--sizes", "1e6"] if args.quick else []),
         ["traffic_model.py"],  # a model, no measurement: the same numbers every time
         ["bench_checkpoint.py"] + (["--params", "2e7", "--quick"] if args.quick else ["--params", "1e9"]),
-        ["soak.py", "--out", str(out)] + (["--steps", "80", "--cycles", "2", "--save-every", "20"] if args.quick else []),
+        ["soak.py", "--out", str(out)]
+        + (["--steps", "80", "--cycles", "2", "--save-every", "20"] if args.quick else []),
     ]
     failed = []
     for cmd in runs:

@@ -31,12 +31,27 @@ from microadam_dist import checkpoint
 from microadam_dist.distributed import torchrun_command
 from microadam_dist.state import FIELDS
 
-MODEL = ["--width", "64", "--context", "32", "--layers", "2", "--heads", "2", "--batch-size", "12",
-         "--optimizers", "microadam", "--quiet"]
+MODEL = [
+    "--width",
+    "64",
+    "--context",
+    "32",
+    "--layers",
+    "2",
+    "--heads",
+    "2",
+    "--batch-size",
+    "12",
+    "--optimizers",
+    "microadam",
+    "--quiet",
+]
 
 
 def torchrun(nproc: int, args: list[str]) -> None:
-    subprocess.run(torchrun_command(nproc, args), check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        torchrun_command(nproc, args), check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def verify(path: Path, step: int) -> int:
@@ -51,8 +66,10 @@ def verify(path: Path, step: int) -> int:
 
 def same_state(a: Path, b: Path) -> bool:
     x, y = checkpoint.open_checkpoint(a), checkpoint.open_checkpoint(b)
-    return all(torch.equal(x.weight(n), y.weight(n)) and
-               all(torch.equal(x.state(n)[k], y.state(n)[k]) for k in FIELDS) for n in x.params)
+    return all(
+        torch.equal(x.weight(n), y.weight(n)) and all(torch.equal(x.state(n)[k], y.state(n)[k]) for k in FIELDS)
+        for n in x.params
+    )
 
 
 def round_trip(ckpt_dir: Path, work: Path) -> bool:
@@ -85,37 +102,63 @@ def main(argv=None):
         world = 2 if cycle % 2 == 0 else 1
         stop = args.steps if cycle == args.cycles - 1 else (cycle + 1) * per_cycle
         t = time.perf_counter()
-        torchrun(world, [*MODEL, "--steps", str(args.steps), "--stop-at", str(stop), "--save", str(ckpt),
-                         "--save-every", str(args.save_every), "--auto-resume", "--out", str(args.workdir / "out")])
+        torchrun(
+            world,
+            [
+                *MODEL,
+                "--steps",
+                str(args.steps),
+                "--stop-at",
+                str(stop),
+                "--save",
+                str(ckpt),
+                "--save-every",
+                str(args.save_every),
+                "--auto-resume",
+                "--out",
+                str(args.workdir / "out"),
+            ],
+        )
         seconds = time.perf_counter() - t
         checked = verify(ckpt / "microadam", stop)
         tool_ok = round_trip(ckpt / "microadam", args.workdir / "tool") if cycle % 2 == 1 else None
         losses = json.loads((args.workdir / "out" / "losses_microadam.json").read_text())["losses"]
         rows.append((cycle, world, stop, losses[-1], checked, tool_ok, seconds))
-        print(f"cycle {cycle}: world size {world}, steps to {stop}, loss {losses[-1]:.4f}, {checked} parameters "
-              f"verified, tool round trip {tool_ok}, {seconds:.1f} s", flush=True)
+        print(
+            f"cycle {cycle}: world size {world}, steps to {stop}, loss {losses[-1]:.4f}, {checked} parameters "
+            f"verified, tool round trip {tool_ok}, {seconds:.1f} s",
+            flush=True,
+        )
     total = time.perf_counter() - started
     run = json.loads((args.workdir / "out" / "losses_microadam.json").read_text())
     losses = run["losses"]
     assert len(losses) == args.steps
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [
-        "# Soak: save / reshard / resume cycles", "",
+        "# Soak: save / reshard / resume cycles",
+        "",
         f"The main job (FSDP2, MicroAdam, GPT 2 x 64, batch 12, context 32) for {args.steps} steps in "
         f"{args.cycles} cycles alternating 2 and 1 ranks under torchrun, saving every {args.save_every} steps; "
         "after each cycle every parameter's state is checked (dtypes, shapes, indices inside their blocks, ordered "
         "finite statistics, step counts), and every second cycle the checkpoint goes DCP -> canonical -> DCP "
         "through microadam-ckpt and the next cycle resumes from that. One run on "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-        f"{total:.0f} s in all.", "",
-        "| cycle | world size | step reached | training loss | parameters verified | tool round trip bitwise | seconds |",
+        f"{total:.0f} s in all.",
+        "",
+        "| cycle | world size | step reached | training loss | parameters verified | tool round trip bitwise "
+        "| seconds |",
         "|---|---|---|---|---|---|---|",
     ]
     for cycle, world, stop, loss, checked, tool_ok, seconds in rows:
-        lines.append(f"| {cycle} | {world} | {stop} | {loss:.4f} | {checked} | "
-                     f"{'-' if tool_ok is None else ('yes' if tool_ok else 'NO')} | {seconds:.1f} |")
-    lines += ["", f"Resumes recorded by the job: {len(run['history'])} (world sizes "
-              f"{[h['world_size'] for h in run['history']]}); final validation loss {run['val_loss']:.4f}."]
+        lines.append(
+            f"| {cycle} | {world} | {stop} | {loss:.4f} | {checked} | "
+            f"{'-' if tool_ok is None else ('yes' if tool_ok else 'NO')} | {seconds:.1f} |"
+        )
+    lines += [
+        "",
+        f"Resumes recorded by the job: {len(run['history'])} (world sizes "
+        f"{[h['world_size'] for h in run['history']]}); final validation loss {run['val_loss']:.4f}.",
+    ]
     (args.out / "soak.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -123,7 +166,7 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    smooth = [sum(losses[max(0, i - 19):i + 1]) / len(losses[max(0, i - 19):i + 1]) for i in range(len(losses))]
+    smooth = [sum(losses[max(0, i - 19) : i + 1]) / len(losses[max(0, i - 19) : i + 1]) for i in range(len(losses))]
     ax.plot(range(1, len(losses) + 1), losses, alpha=0.25, color="tab:red")
     ax.plot(range(1, len(losses) + 1), smooth, color="tab:red", label="MicroAdam (20-step mean)")
     for cycle, world, stop, *_ in rows[:-1]:

@@ -45,19 +45,36 @@ def main():
     for n in map(int, args.sizes):
         out = subprocess.run([sys.executable, "-c", CHILD.format(n=n)], capture_output=True, text=True, check=True)
         transient, seconds, state, chunk = out.stdout.split()
-        rows.append(dict(numel=n, transient_bytes=int(transient), step_seconds=float(seconds),
-                         state_bytes=int(state), chunk_elements=int(chunk)))
+        rows.append(
+            dict(
+                numel=n,
+                transient_bytes=int(transient),
+                step_seconds=float(seconds),
+                state_bytes=int(state),
+                chunk_elements=int(chunk),
+            )
+        )
         r = rows[-1]
-        print(f"numel {n:>12,}  transient {r['transient_bytes'] / 2**20:8.1f} MiB "
-              f"({r['transient_bytes'] / r['chunk_elements']:.1f} B per chunk element)  "
-              f"state {r['state_bytes'] / n:.4f} B/param  step {r['step_seconds']:.3f} s")
+        print(
+            f"numel {n:>12,}  transient {r['transient_bytes'] / 2**20:8.1f} MiB "
+            f"({r['transient_bytes'] / r['chunk_elements']:.1f} B per chunk element)  "
+            f"state {r['state_bytes'] / n:.4f} B/param  step {r['step_seconds']:.3f} s"
+        )
     out = args.out / "step_memory.md"
-    lines = ["# Transient memory of one MicroAdam step (reference path, CPU)", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-             f"one run per size; chunk of {rows[0]['chunk_elements']:,} elements.", "",
-             "| elements | transient (MiB) | state (bytes/param) | step (s) |", "|---|---|---|---|"]
-    lines += [f"| {r['numel']:,} | {r['transient_bytes'] / 2**20:.1f} | {r['state_bytes'] / r['numel']:.4f} | "
-              f"{r['step_seconds']:.3f} |" for r in rows]
+    lines = [
+        "# Transient memory of one MicroAdam step (reference path, CPU)",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        f"one run per size; chunk of {rows[0]['chunk_elements']:,} elements.",
+        "",
+        "| elements | transient (MiB) | state (bytes/param) | step (s) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['numel']:,} | {r['transient_bytes'] / 2**20:.1f} | {r['state_bytes'] / r['numel']:.4f} | "
+        f"{r['step_seconds']:.3f} |"
+        for r in rows
+    ]
     out.write_text("\n".join(lines) + "\n")
     print(json.dumps(rows))
     print(f"wrote {out}")

@@ -45,8 +45,15 @@ def run(kind: str, index: int, timeout: float) -> dict:
         seconds = time.perf_counter() - start
     aborted = any(mark in output for mark in ABORT_MARKS)
     teardown_warning = "still run after destroy_process_group" in output
-    return {"kind": kind, "index": index, "rc": rc, "aborted": aborted, "teardown_warning": teardown_warning,
-            "seconds": round(seconds, 1), "tail": output[-2000:] if rc != 0 else ""}
+    return {
+        "kind": kind,
+        "index": index,
+        "rc": rc,
+        "aborted": aborted,
+        "teardown_warning": teardown_warning,
+        "seconds": round(seconds, 1),
+        "tail": output[-2000:] if rc != 0 else "",
+    }
 
 
 def main() -> None:
@@ -67,20 +74,28 @@ def main() -> None:
             with log.open("a") as f:
                 f.write(json.dumps(r) + "\n")
             print(f"{kind} {i + 1}/{count}: rc={r['rc']} aborted={r['aborted']} {r['seconds']} s", flush=True)
-    lines = ["# Teardown stress: every launch must exit 0", "",
-             "`python benchmarks/stress_teardown.py` (2 CPU cores, gloo, torch 2.13; other jobs shared the "
-             "machine, so the times are not benchmarks).", "",
-             "| launch | runs | exit 0 | failed | aborts at exit | teardown warnings | median seconds |",
-             "|---|---|---|---|---|---|---|"]
-    for kind, label in (("phase", "main job, first phase (`torchrun` 2 ranks, `--steps 40 --stop-at 20 --save`)"),
-                        ("demo", "full demo (`python -m microadam_dist.demo`)")):
+    lines = [
+        "# Teardown stress: every launch must exit 0",
+        "",
+        "`python benchmarks/stress_teardown.py` (2 CPU cores, gloo, torch 2.13; other jobs shared the "
+        "machine, so the times are not benchmarks).",
+        "",
+        "| launch | runs | exit 0 | failed | aborts at exit | teardown warnings | median seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, label in (
+        ("phase", "main job, first phase (`torchrun` 2 ranks, `--steps 40 --stop-at 20 --save`)"),
+        ("demo", "full demo (`python -m microadam_dist.demo`)"),
+    ):
         rs = [r for r in results if r["kind"] == kind]
         if not rs:
             continue
         secs = sorted(r["seconds"] for r in rs)
-        lines.append(f"| {label} | {len(rs)} | {sum(r['rc'] == 0 for r in rs)} | {sum(r['rc'] != 0 for r in rs)} | "
-                     f"{sum(r['aborted'] for r in rs)} | {sum(r['teardown_warning'] for r in rs)} | "
-                     f"{secs[len(secs) // 2]} |")
+        lines.append(
+            f"| {label} | {len(rs)} | {sum(r['rc'] == 0 for r in rs)} | {sum(r['rc'] != 0 for r in rs)} | "
+            f"{sum(r['aborted'] for r in rs)} | {sum(r['teardown_warning'] for r in rs)} | "
+            f"{secs[len(secs) // 2]} |"
+        )
     failed = [r for r in results if r["rc"] != 0]
     if failed:
         lines += ["", "## Failed runs", ""]

@@ -19,10 +19,16 @@ ENTRIES = WINDOW * K / BLOCK  # window entries per parameter element (0.1)
 
 def triton_path(p_bytes: int, g_bytes: int, weight_decay: bool) -> dict[str, float]:
     stats = 2 * 4 / BUCKET  # (lo, hi) fp32 per bucket
-    compress = {"gradient": g_bytes, "codes read + written": 0.5 + 0.5, "bucket stats": 2 * stats,
-                "ring slot written (int16 + bf16)": 4 * K / BLOCK}
-    update = {"window read (int16 + bf16)": 4 * ENTRIES,
-              "parameter at window entries (read + write)": 2 * p_bytes * ENTRIES}
+    compress = {
+        "gradient": g_bytes,
+        "codes read + written": 0.5 + 0.5,
+        "bucket stats": 2 * stats,
+        "ring slot written (int16 + bf16)": 4 * K / BLOCK,
+    }
+    update = {
+        "window read (int16 + bf16)": 4 * ENTRIES,
+        "parameter at window entries (read + write)": 2 * p_bytes * ENTRIES,
+    }
     if weight_decay:
         update["parameter, dense decay (read + write)"] = 2 * p_bytes
     return {**compress, **update}
@@ -42,22 +48,32 @@ def reference_path(p_bytes: int, g_bytes: int, weight_decay: bool) -> dict[str, 
 
 
 def fused_adamw(p_bytes: int, g_bytes: int) -> dict[str, float]:
-    return {"parameter (read + write)": 2 * p_bytes, "gradient": g_bytes,
-            "exp_avg, exp_avg_sq fp32 (read + write)": 4 * 4}
+    return {
+        "parameter (read + write)": 2 * p_bytes,
+        "gradient": g_bytes,
+        "exp_avg, exp_avg_sq fp32 (read + write)": 4 * 4,
+    }
 
 
 def main():
-    lines = ["# Memory traffic per parameter per optimizer step (model)", "",
-             f"Window {WINDOW}, density {DENSITY:.0%} (k = {K} of {BLOCK}), bucket {BUCKET}. Counted from "
-             "the code, not measured; the Triton path's window part is the worst case (all entries distinct).",
-             "", "| parameters / gradients | weight decay | fused AdamW | MicroAdam Triton | MicroAdam reference | "
-             "Triton / AdamW |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Memory traffic per parameter per optimizer step (model)",
+        "",
+        f"Window {WINDOW}, density {DENSITY:.0%} (k = {K} of {BLOCK}), bucket {BUCKET}. Counted from "
+        "the code, not measured; the Triton path's window part is the worst case (all entries distinct).",
+        "",
+        "| parameters / gradients | weight decay | fused AdamW | MicroAdam Triton | MicroAdam reference | "
+        "Triton / AdamW |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, pb, gb in (("fp32 / fp32", 4, 4), ("bf16 / bf16 (fp32 AdamW moments)", 2, 2)):
         for wd in (False, True):
             adam = sum(fused_adamw(pb, gb).values())
             tri = sum(triton_path(pb, gb, wd).values())
             ref = sum(reference_path(pb, gb, wd).values())
-            lines.append(f"| {label} | {'yes' if wd else 'no'} | {adam:.1f} | {tri:.2f} | {ref:.0f} | {tri / adam:.2f} |")
+            lines.append(
+                f"| {label} | {'yes' if wd else 'no'} | {adam:.1f} | {tri:.2f} | {ref:.0f} | {tri / adam:.2f} |"
+            )
     lines += ["", "Triton path, fp32, no weight decay, item by item:", ""]
     lines += [f"- {k}: {v:.3f} B" for k, v in triton_path(4, 4, False).items()]
     text = "\n".join(lines) + "\n"

@@ -23,11 +23,25 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 @triton.jit
 def _densify(
-    param_ptr, codes_ptr, stats_ptr,
-    n, num_cols, buckets, ef_bytes, bucket_size,
-    elem_off, elem_row, ef_off, ef_row, q_off, q_row,
-    lr_alpha, keep,
-    BLOCK: tl.constexpr, HALF: tl.constexpr, PARAM_BF16: tl.constexpr,
+    param_ptr,
+    codes_ptr,
+    stats_ptr,
+    n,
+    num_cols,
+    buckets,
+    ef_bytes,
+    bucket_size,
+    elem_off,
+    elem_row,
+    ef_off,
+    ef_row,
+    q_off,
+    q_row,
+    lr_alpha,
+    keep,
+    BLOCK: tl.constexpr,
+    HALF: tl.constexpr,
+    PARAM_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // num_cols
@@ -76,8 +90,9 @@ def _densify(
     tl.store(codes_ptr + c0 + pair, (even | (odd << 4)).to(tl.uint8), mask=pair < ef_bytes)
 
 
-def densify_triton_(geometry: Geometry, b0: int, b1: int, param: torch.Tensor,
-                    state: dict[str, torch.Tensor], cfg: StepConfig) -> None:
+def densify_triton_(
+    geometry: Geometry, b0: int, b1: int, param: torch.Tensor, state: dict[str, torch.Tensor], cfg: StepConfig
+) -> None:
     """The densification pass on blocks [b0, b1) (arguments as ``microadam_blocks_triton_``),
     run after the step's sparse update has been written to ``param``."""
     lr_alpha, keep = densify_scalars(cfg)
@@ -85,10 +100,24 @@ def densify_triton_(geometry: Geometry, b0: int, b1: int, param: torch.Tensor,
     for rect in geometry.rects(b0, b1):
         block = triton.next_power_of_2(max(rect.block_len, 2))
         _densify[(rect.num_blocks,)](
-            param_bits, state["ef_codes"], state["ef_stats"],
-            rect.block_len, rect.num_cols, rect.buckets, rect.ef_bytes, geometry.quant_bucket_size,
-            rect.elem_offset, rect.elem_row_stride, rect.ef_offset, rect.ef_row_stride,
-            rect.bucket_offset, rect.bucket_row_stride,
-            lr_alpha, keep,
-            BLOCK=block, HALF=block // 2, PARAM_BF16=param.dtype == torch.bfloat16, **LAUNCH_OPTIONS,
+            param_bits,
+            state["ef_codes"],
+            state["ef_stats"],
+            rect.block_len,
+            rect.num_cols,
+            rect.buckets,
+            rect.ef_bytes,
+            geometry.quant_bucket_size,
+            rect.elem_offset,
+            rect.elem_row_stride,
+            rect.ef_offset,
+            rect.ef_row_stride,
+            rect.bucket_offset,
+            rect.bucket_row_stride,
+            lr_alpha,
+            keep,
+            BLOCK=block,
+            HALF=block // 2,
+            PARAM_BF16=param.dtype == torch.bfloat16,
+            **LAUNCH_OPTIONS,
         )

@@ -20,8 +20,9 @@ rectangle of equal-length blocks), one program per block, two passes over memory
 
 Numerics for bitwise agreement with the reference where it matters: no fused multiply-adds
 (``enable_fp_fusion=False``: ``lo + code * u`` is rounded twice, as in PyTorch's separate
-kernels), IEEE-rounded division and square root (``div_rn``, ``sqrt_rn``), bf16 produced by explicit round-to-nearest-even on the
-fp32 bits (the interpreter's casts truncate), bf16 loaded by bit shifts.
+kernels), IEEE-rounded division and square root (``div_rn``, ``sqrt_rn``), bf16 produced by
+explicit round-to-nearest-even on the fp32 bits (the interpreter's casts truncate), bf16 loaded by
+bit shifts.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ MAX_WINDOW_ENTRIES = 8192  # window_size * k per block the update kernel handles
 def supports(window_size: int, k: int) -> bool:
     """Whether the kernels take blocks of ``k`` entries per slot in a window of ``window_size``."""
     return window_size * k <= MAX_WINDOW_ENTRIES
+
 
 # no fused multiply-adds: the GPU compiler would otherwise round lo + code * u once, not twice
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
@@ -83,12 +85,13 @@ def _select_radix(mag, a, offs, k, idx_ptr, val_ptr, k0):
         c1 = thr | (1 << shift)
         c2 = thr | (2 << shift)
         c3 = thr | (3 << shift)
-        packed = ((mag >= c1).to(tl.int64) | ((mag >= c2).to(tl.int64) << 16)
-                  | ((mag >= c3).to(tl.int64) << 32))
+        packed = (mag >= c1).to(tl.int64) | ((mag >= c2).to(tl.int64) << 16) | ((mag >= c3).to(tl.int64) << 32)
         counts = tl.sum(tl.sum(packed, axis=1), axis=0)  # each count <= 32768 fits its 16 bits
-        thr = tl.where((counts >> 32) >= k, c3,
-                       tl.where(((counts >> 16) & 0xFFFF) >= k, c2,
-                                tl.where((counts & 0xFFFF) >= k, c1, thr)))
+        thr = tl.where(
+            (counts >> 32) >= k,
+            c3,
+            tl.where(((counts >> 16) & 0xFFFF) >= k, c2, tl.where((counts & 0xFFFF) >= k, c1, thr)),
+        )
     c1 = thr | 1
     thr = tl.where(tl.sum(tl.sum((mag >= c1).to(tl.int32), axis=1), axis=0) >= k, c1, thr)
     above = mag > thr
@@ -105,8 +108,26 @@ def _select_radix(mag, a, offs, k, idx_ptr, val_ptr, k0):
 
 
 @triton.jit
-def _select_candidates(cand, mag, offs, inside, k, count, grad_ptr, codes_ptr, stats_ptr, idx_ptr, val_ptr,
-                       e0, k0, c0, q0, CAND: tl.constexpr, QB: tl.constexpr, GRAD_BF16: tl.constexpr):
+def _select_candidates(
+    cand,
+    mag,
+    offs,
+    inside,
+    k,
+    count,
+    grad_ptr,
+    codes_ptr,
+    stats_ptr,
+    idx_ptr,
+    val_ptr,
+    e0,
+    k0,
+    c0,
+    q0,
+    CAND: tl.constexpr,
+    QB: tl.constexpr,
+    GRAD_BF16: tl.constexpr,
+):
     """Top k among count <= CAND candidates (a superset of it), CAND <= 2k: their indices are
     compacted into this block's ring slot (indices, then values as scratch), read back as one
     [CAND] tensor, their a recomputed exactly as in step 1, ranked pairwise by the unique key
@@ -148,11 +169,32 @@ def _select_candidates(cand, mag, offs, inside, k, count, grad_ptr, codes_ptr, s
 
 @triton.jit
 def _compress(
-    grad_ptr, codes_ptr, stats_ptr, idx_ptr, val_ptr,
-    n, k, num_cols, buckets, ef_bytes,
-    elem_off, elem_row, k_off, k_row, ef_off, ef_row, q_off, q_row,
-    NB: tl.constexpr, BS: tl.constexpr, QB: tl.constexpr, GRAD_BF16: tl.constexpr,
-    TOPK_FAST: tl.constexpr, G: tl.constexpr, CAND: tl.constexpr, RADIX_FALLBACK: tl.constexpr = True,
+    grad_ptr,
+    codes_ptr,
+    stats_ptr,
+    idx_ptr,
+    val_ptr,
+    n,
+    k,
+    num_cols,
+    buckets,
+    ef_bytes,
+    elem_off,
+    elem_row,
+    k_off,
+    k_row,
+    ef_off,
+    ef_row,
+    q_off,
+    q_row,
+    NB: tl.constexpr,
+    BS: tl.constexpr,
+    QB: tl.constexpr,
+    GRAD_BF16: tl.constexpr,
+    TOPK_FAST: tl.constexpr,
+    G: tl.constexpr,
+    CAND: tl.constexpr,
+    RADIX_FALLBACK: tl.constexpr = True,
 ):
     """The block as [NB, BS]: row r holds bucket r (element r * QB + j for j < QB), so every
     per-bucket quantity is a scalar of its row (one load, one division per bucket) and a row-major
@@ -194,8 +236,26 @@ def _compress(
         cand = inside & (mag >= bound)
         count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
         if count <= CAND or not RADIX_FALLBACK:  # RADIX_FALLBACK=False: kernel_cost.py's fast path
-            chosen = _select_candidates(cand, mag, offs, inside, k, count, grad_ptr, codes_ptr, stats_ptr,
-                                        idx_ptr, val_ptr, e0, k0, c0, q0, CAND, QB, GRAD_BF16)
+            chosen = _select_candidates(
+                cand,
+                mag,
+                offs,
+                inside,
+                k,
+                count,
+                grad_ptr,
+                codes_ptr,
+                stats_ptr,
+                idx_ptr,
+                val_ptr,
+                e0,
+                k0,
+                c0,
+                q0,
+                CAND,
+                QB,
+                GRAD_BF16,
+            )
         else:
             chosen = _select_radix(mag, a, offs, k, idx_ptr, val_ptr, k0)
     else:
@@ -214,17 +274,33 @@ def _compress(
     even, odd = tl.split(tl.reshape(codes, [NB, BS // 2, 2]))
     pair = tl.arange(0, BS // 2)[None, :]
     byte_at = rb[:, None] * (QB // 2) + pair
-    tl.store(codes_ptr + c0 + byte_at, (even | (odd << 4)).to(tl.uint8),
-             mask=(2 * pair < QB) & (byte_at < ef_bytes))
-
+    tl.store(codes_ptr + c0 + byte_at, (even | (odd << 4)).to(tl.uint8), mask=(2 * pair < QB) & (byte_at < ef_bytes))
 
 
 @triton.jit
 def _compress_odd_buckets(
-    grad_ptr, codes_ptr, stats_ptr, idx_ptr, val_ptr,
-    n, k, num_cols, buckets, ef_bytes, bucket_size,
-    elem_off, elem_row, k_off, k_row, ef_off, ef_row, q_off, q_row,
-    BLOCK: tl.constexpr, HALF: tl.constexpr, GRAD_BF16: tl.constexpr,
+    grad_ptr,
+    codes_ptr,
+    stats_ptr,
+    idx_ptr,
+    val_ptr,
+    n,
+    k,
+    num_cols,
+    buckets,
+    ef_bytes,
+    bucket_size,
+    elem_off,
+    elem_row,
+    k_off,
+    k_row,
+    ef_off,
+    ef_row,
+    q_off,
+    q_row,
+    BLOCK: tl.constexpr,
+    HALF: tl.constexpr,
+    GRAD_BF16: tl.constexpr,
 ):
     """``_compress`` for an odd bucket size (4-bit code pairs straddle buckets): the block as
     one row, per-element bucket statistics and a runtime loop over the buckets."""
@@ -260,12 +336,13 @@ def _compress_odd_buckets(
         c1 = thr | (1 << shift)
         c2 = thr | (2 << shift)
         c3 = thr | (3 << shift)
-        packed = ((mag >= c1).to(tl.int64) | ((mag >= c2).to(tl.int64) << 16)
-                  | ((mag >= c3).to(tl.int64) << 32))
+        packed = (mag >= c1).to(tl.int64) | ((mag >= c2).to(tl.int64) << 16) | ((mag >= c3).to(tl.int64) << 32)
         counts = tl.sum(packed, axis=0)  # each count <= BLOCK <= 32768 fits its 16 bits
-        thr = tl.where((counts >> 32) >= k, c3,
-                       tl.where(((counts >> 16) & 0xFFFF) >= k, c2,
-                                tl.where((counts & 0xFFFF) >= k, c1, thr)))
+        thr = tl.where(
+            (counts >> 32) >= k,
+            c3,
+            tl.where(((counts >> 16) & 0xFFFF) >= k, c2, tl.where((counts & 0xFFFF) >= k, c1, thr)),
+        )
     c1 = thr | 1
     thr = tl.where(tl.sum((mag >= c1).to(tl.int32), axis=0) >= k, c1, thr)
     above = mag > thr
@@ -297,14 +374,16 @@ def _compress_odd_buckets(
     tl.store(codes_ptr + c0 + pair, (even | (odd << 4)).to(tl.uint8), mask=pair < ef_bytes)
 
 
-
 @triton.jit
 def _min_key_sum(k1, m1, s1, k2, m2, s2):
     """(smallest key, sums of m and s over the entries holding it): associative and commutative,
     so a scan gives the same result whichever way it pairs operands."""
     k = tl.minimum(k1, k2)
-    return k, tl.where(k1 == k, m1, 0.0) + tl.where(k2 == k, m2, 0.0), \
-        tl.where(k1 == k, s1, 0.0) + tl.where(k2 == k, s2, 0.0)
+    return (
+        k,
+        tl.where(k1 == k, m1, 0.0) + tl.where(k2 == k, m2, 0.0),
+        tl.where(k1 == k, s1, 0.0) + tl.where(k2 == k, s2, 0.0),
+    )
 
 
 @triton.jit
@@ -316,11 +395,29 @@ def _max_key_count(k1, c1, k2, c2):
 
 @triton.jit
 def _update(
-    param_ptr, idx_ptr, val_ptr, w1_ptr, w2_ptr,
-    n, k, num_cols, filled, slot_stride,
-    elem_off, elem_row, k_off, k_row,
-    lr, c1, c2, eps, decay,
-    ENTRIES: tl.constexpr, PARAM_BF16: tl.constexpr, DECAY: tl.constexpr, BLOCK: tl.constexpr,
+    param_ptr,
+    idx_ptr,
+    val_ptr,
+    w1_ptr,
+    w2_ptr,
+    n,
+    k,
+    num_cols,
+    filled,
+    slot_stride,
+    elem_off,
+    elem_row,
+    k_off,
+    k_row,
+    lr,
+    c1,
+    c2,
+    eps,
+    decay,
+    ENTRIES: tl.constexpr,
+    PARAM_BF16: tl.constexpr,
+    DECAY: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // num_cols
@@ -384,8 +481,9 @@ def microadam_blocks_triton_(
 ) -> None:
     """The Triton path of ``functional.microadam_blocks_`` (same arguments, same results)."""
     if param.dtype not in (torch.float32, torch.bfloat16) or grad.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"the Triton path takes fp32 or bf16 parameters and gradients, got "
-                        f"{param.dtype} and {grad.dtype}")
+        raise TypeError(
+            f"the Triton path takes fp32 or bf16 parameters and gradients, got {param.dtype} and {grad.dtype}"
+        )
     if not (param.is_contiguous() and grad.is_contiguous()):
         raise ValueError("the Triton path needs contiguous parameter and gradient buffers")
     win_idx, win_val = state["window_idx"], state["window_val"]
@@ -402,35 +500,91 @@ def microadam_blocks_triton_(
         block = triton.next_power_of_2(max(n, 2))
         entries = triton.next_power_of_2(max(filled * k, 2))
         if entries > MAX_WINDOW_ENTRIES:
-            raise ValueError(f"the Triton path handles window_size * k <= {MAX_WINDOW_ENTRIES} entries per "
-                             f"block, got {m} * {k}; use backend='torch' or a smaller density/block_size")
+            raise ValueError(
+                f"the Triton path handles window_size * k <= {MAX_WINDOW_ENTRIES} entries per "
+                f"block, got {m} * {k}; use backend='torch' or a smaller density/block_size"
+            )
         grid = (rect.num_blocks,)
         qb = geometry.quant_bucket_size
-        offsets = (rect.elem_offset, rect.elem_row_stride, rect.k_offset, rect.k_row_stride,
-                   rect.ef_offset, rect.ef_row_stride, rect.bucket_offset, rect.bucket_row_stride)
+        offsets = (
+            rect.elem_offset,
+            rect.elem_row_stride,
+            rect.k_offset,
+            rect.k_row_stride,
+            rect.ef_offset,
+            rect.ef_row_stride,
+            rect.bucket_offset,
+            rect.bucket_row_stride,
+        )
         if qb % 2 == 0:  # a row of [buckets, bucket size] per bucket
             nb, bs = triton.next_power_of_2(rect.buckets), triton.next_power_of_2(min(qb, max(n, 2)))
             groups = min(TOPK_GROUPS, nb * bs)
             cand = min(TOPK_CANDIDATES, 1 << (2 * k).bit_length() - 1)  # a power of two <= 2k
             _compress[grid](
-                grad_bits, state["ef_codes"], state["ef_stats"], idx_slot, val_slot,
-                n, k, rect.num_cols, rect.buckets, rect.ef_bytes, *offsets,
-                NB=nb, BS=bs, QB=qb, GRAD_BF16=grad.dtype == torch.bfloat16,
-                TOPK_FAST=k <= min(groups, cand), G=groups, CAND=cand, **LAUNCH_OPTIONS,
+                grad_bits,
+                state["ef_codes"],
+                state["ef_stats"],
+                idx_slot,
+                val_slot,
+                n,
+                k,
+                rect.num_cols,
+                rect.buckets,
+                rect.ef_bytes,
+                *offsets,
+                NB=nb,
+                BS=bs,
+                QB=qb,
+                GRAD_BF16=grad.dtype == torch.bfloat16,
+                TOPK_FAST=k <= min(groups, cand),
+                G=groups,
+                CAND=cand,
+                **LAUNCH_OPTIONS,
             )
         else:
             _compress_odd_buckets[grid](
-                grad_bits, state["ef_codes"], state["ef_stats"], idx_slot, val_slot,
-                n, k, rect.num_cols, rect.buckets, rect.ef_bytes, qb, *offsets,
-                BLOCK=block, HALF=block // 2, GRAD_BF16=grad.dtype == torch.bfloat16, **LAUNCH_OPTIONS,
+                grad_bits,
+                state["ef_codes"],
+                state["ef_stats"],
+                idx_slot,
+                val_slot,
+                n,
+                k,
+                rect.num_cols,
+                rect.buckets,
+                rect.ef_bytes,
+                qb,
+                *offsets,
+                BLOCK=block,
+                HALF=block // 2,
+                GRAD_BF16=grad.dtype == torch.bfloat16,
+                **LAUNCH_OPTIONS,
             )
         _update[grid](
-            param_bits, win_idx, win_val.view(torch.int16), w1, w2,
-            n, k, rect.num_cols, filled, win_idx.stride(0),
-            rect.elem_offset, rect.elem_row_stride, rect.k_offset, rect.k_row_stride,
-            cfg.lr, c1, c2, cfg.eps, 1.0 - cfg.lr * cfg.weight_decay,
-            ENTRIES=entries, PARAM_BF16=param.dtype == torch.bfloat16,
-            DECAY=cfg.weight_decay != 0.0, BLOCK=block, **LAUNCH_OPTIONS,
+            param_bits,
+            win_idx,
+            win_val.view(torch.int16),
+            w1,
+            w2,
+            n,
+            k,
+            rect.num_cols,
+            filled,
+            win_idx.stride(0),
+            rect.elem_offset,
+            rect.elem_row_stride,
+            rect.k_offset,
+            rect.k_row_stride,
+            cfg.lr,
+            c1,
+            c2,
+            cfg.eps,
+            1.0 - cfg.lr * cfg.weight_decay,
+            ENTRIES=entries,
+            PARAM_BF16=param.dtype == torch.bfloat16,
+            DECAY=cfg.weight_decay != 0.0,
+            BLOCK=block,
+            **LAUNCH_OPTIONS,
             # one warp sorts and scans <= 1024 entries with shuffles only (no shared-memory rounds):
             # 50 instead of 72 thread-instructions per element at the default geometry
             num_warps=1 if block <= 4096 and entries <= 1024 else 4,

@@ -12,5 +12,11 @@ from .optimizer import MicroAdam
 register_with_torch_optim(strict=False)
 
 __version__ = "0.1.0"
-__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_QUANT_BUCKET_SIZE", "DeepSpeedMicroAdam", "Geometry", "MicroAdam",
-           "geometry_for"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_QUANT_BUCKET_SIZE",
+    "DeepSpeedMicroAdam",
+    "Geometry",
+    "MicroAdam",
+    "geometry_for",
+]

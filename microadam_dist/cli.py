@@ -16,8 +16,15 @@ from pathlib import Path
 
 import typer
 
-from .checkpoint import (Checkpoint, CheckpointError, canonical_parameter, export_adam, open_checkpoint,
-                         write_canonical, write_dcp)
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    canonical_parameter,
+    export_adam,
+    open_checkpoint,
+    write_canonical,
+    write_dcp,
+)
 
 EXAMPLES = """
 Examples:
@@ -42,8 +49,13 @@ Exit status:
 """
 EXIT_BAD_CHECKPOINT = 3  # documented above and in the README: the one code for bad input
 
-app = typer.Typer(help=__doc__ + EXAMPLES, no_args_is_help=True, add_completion=False,
-                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
+app = typer.Typer(
+    help=__doc__ + EXAMPLES,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 
 class Target(str, Enum):
@@ -73,8 +85,9 @@ def _parse_size(text: str) -> int:
     return int(text)
 
 
-def _write(ckpt: Checkpoint, out: Path, to: Target, world_size: int | None, overwrite: bool, shard_size: str,
-           quiet: bool) -> None:
+def _write(
+    ckpt: Checkpoint, out: Path, to: Target, world_size: int | None, overwrite: bool, shard_size: str, quiet: bool
+) -> None:
     started = time.perf_counter()
     try:
         if to == Target.dcp:
@@ -84,21 +97,32 @@ def _write(ckpt: Checkpoint, out: Path, to: Target, world_size: int | None, over
             note = None
             if to == Target.deepspeed:
                 note = "for DeepSpeed: microadam_dist.deepspeed_zero.load_checkpoint(engine, DIR) at any world size"
-            write_canonical(ckpt, out, world_size=world_size, shard_bytes=_parse_size(shard_size), overwrite=overwrite,
-                            progress=not quiet, note=note)
+            write_canonical(
+                ckpt,
+                out,
+                world_size=world_size,
+                shard_bytes=_parse_size(shard_size),
+                overwrite=overwrite,
+                progress=not quiet,
+                note=note,
+            )
             how = note or "one process: microadam_dist.checkpoint.load(model, optimizer, DIR)"
     except CheckpointError as e:
         _fail(e)
     seconds = time.perf_counter() - started
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
-    typer.echo(f"wrote {out} ({to.value}, {size / 1e9:.3f} GB in {seconds:.1f} s, {size / 1e9 / max(seconds, 1e-9):.2f} "
-               f"GB/s); {how}")
+    typer.echo(
+        f"wrote {out} ({to.value}, {size / 1e9:.3f} GB in {seconds:.1f} s, {size / 1e9 / max(seconds, 1e-9):.2f} "
+        f"GB/s); {how}"
+    )
 
 
 @app.command()
-def inspect(ckpt: Path = typer.Argument(..., help="checkpoint directory (canonical, DCP or DeepSpeed)"),
-            verify: bool = typer.Option(False, "--verify", help="read and check every tensor (and file hashes)"),
-            as_json: bool = typer.Option(False, "--json", help="print a JSON summary")):
+def inspect(
+    ckpt: Path = typer.Argument(..., help="checkpoint directory (canonical, DCP or DeepSpeed)"),
+    verify: bool = typer.Option(False, "--verify", help="read and check every tensor (and file hashes)"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
+):
     """Engine, world size, parameters, hyperparameters, step counts, state bytes; --verify checks integrity."""
     c = _open(ckpt)
     problems: list[str] = []
@@ -119,18 +143,26 @@ def inspect(ckpt: Path = typer.Argument(..., help="checkpoint directory (canonic
     if verify:
         integrity = problems or ("ok" if not unverified else "unverified (no digest covers some bytes)")
     summary = {
-        "path": str(ckpt), "engine": c.kind, "world_size": c.world_size, "step": c.step,
-        "parameters": len(c.params), "elements": sum(_numel(e.shape) for e in c.params.values()),
-        "state_bytes": c.state_bytes(), "param_groups": c.groups,
+        "path": str(ckpt),
+        "engine": c.kind,
+        "world_size": c.world_size,
+        "step": c.step,
+        "parameters": len(c.params),
+        "elements": sum(_numel(e.shape) for e in c.params.values()),
+        "state_bytes": c.state_bytes(),
+        "param_groups": c.groups,
         "step_counts": {("no state" if k < 0 else str(k)): v for k, v in sorted(steps.items())} if verify else None,
-        "integrity": integrity, "unverified": unverified,
+        "integrity": integrity,
+        "unverified": unverified,
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=1, default=str))
     else:
         typer.echo(f"{ckpt}: {c.kind} checkpoint, world size {c.world_size or '-'}, step {c.step}")
-        typer.echo(f"  {summary['parameters']} parameters, {summary['elements']:,} elements, MicroAdam state "
-                   f"{summary['state_bytes']:,} bytes ({summary['state_bytes'] / max(1, summary['elements']):.3f} B/param)")
+        typer.echo(
+            f"  {summary['parameters']} parameters, {summary['elements']:,} elements, MicroAdam state "
+            f"{summary['state_bytes']:,} bytes ({summary['state_bytes'] / max(1, summary['elements']):.3f} B/param)"
+        )
         for i, g in enumerate(c.groups):
             typer.echo(f"  group {i}: " + ", ".join(f"{k}={v}" for k, v in g.items()))
         if verify and not problems:
@@ -150,24 +182,32 @@ def _numel(shape) -> int:
 
 
 @app.command()
-def convert(ckpt: Path = typer.Argument(..., help="source checkpoint"),
-            out: Path = typer.Argument(..., help="output directory (must not exist unless --overwrite)"),
-            to: Target = typer.Option(..., "--to", help="single/canonical: world-size free directory; dcp: FSDP2; "
-                                                        "deepspeed: canonical for deepspeed_zero.load_checkpoint"),
-            overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT once the new one is complete"),
-            shard_size: str = typer.Option("1GiB", "--shard-size", help="largest safetensors file"),
-            quiet: bool = typer.Option(False, "--quiet", help="no progress bar")):
+def convert(
+    ckpt: Path = typer.Argument(..., help="source checkpoint"),
+    out: Path = typer.Argument(..., help="output directory (must not exist unless --overwrite)"),
+    to: Target = typer.Option(
+        ...,
+        "--to",
+        help="single/canonical: world-size free directory; dcp: FSDP2; "
+        "deepspeed: canonical for deepspeed_zero.load_checkpoint",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT once the new one is complete"),
+    shard_size: str = typer.Option("1GiB", "--shard-size", help="largest safetensors file"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+):
     """Convert a checkpoint to another engine's format."""
     _write(_open(ckpt), out, to, None, overwrite, shard_size, quiet)
 
 
 @app.command()
-def reshard(ckpt: Path = typer.Argument(..., help="source checkpoint"),
-            out: Path = typer.Argument(..., help="output directory"),
-            world_size: int = typer.Option(..., "--world-size", min=1, help="ranks that will load it"),
-            overwrite: bool = typer.Option(False, "--overwrite"),
-            shard_size: str = typer.Option("1GiB", "--shard-size"),
-            quiet: bool = typer.Option(False, "--quiet")):
+def reshard(
+    ckpt: Path = typer.Argument(..., help="source checkpoint"),
+    out: Path = typer.Argument(..., help="output directory"),
+    world_size: int = typer.Option(..., "--world-size", min=1, help="ranks that will load it"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    shard_size: str = typer.Option("1GiB", "--shard-size"),
+    quiet: bool = typer.Option(False, "--quiet"),
+):
     """Prepare a checkpoint for WORLD_SIZE ranks of the same engine.
 
     A DeepSpeed checkpoint becomes DeepSpeed's own layout at WORLD_SIZE ranks (latest, global_stepN/,
@@ -184,25 +224,31 @@ def reshard(ckpt: Path = typer.Argument(..., help="source checkpoint"),
             reshard_deepspeed(ckpt, out, world_size, overwrite=overwrite)
         except CheckpointError as e:
             _fail(e)
-        typer.echo(f"wrote {out} (DeepSpeed at {world_size} ranks, {time.perf_counter() - started:.1f} s); "
-                   "engine.load_checkpoint(DIR) or the Trainer's resume_from_checkpoint loads it")
+        typer.echo(
+            f"wrote {out} (DeepSpeed at {world_size} ranks, {time.perf_counter() - started:.1f} s); "
+            "engine.load_checkpoint(DIR) or the Trainer's resume_from_checkpoint loads it"
+        )
         return
     _write(c, out, Target.dcp if c.kind == "dcp" else Target.deepspeed, world_size, overwrite, shard_size, quiet)
 
 
 @app.command("export-adam")
-def export_adam_command(ckpt: Path = typer.Argument(..., help="source checkpoint"),
-                        out: Path = typer.Argument(..., help="output directory"),
-                        overwrite: bool = typer.Option(False, "--overwrite"),
-                        quiet: bool = typer.Option(False, "--quiet")):
+def export_adam_command(
+    ckpt: Path = typer.Argument(..., help="source checkpoint"),
+    out: Path = typer.Argument(..., help="output directory"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    quiet: bool = typer.Option(False, "--quiet"),
+):
     """Dense AdamW state (exp_avg = (1-b1) M, exp_avg_sq = (1-b2) S, step = t) rebuilt from the window."""
     c = _open(ckpt)
     try:
         export_adam(c, out, overwrite=overwrite, progress=not quiet)
     except CheckpointError as e:
         _fail(e)
-    typer.echo(f"wrote {out / 'adamw_state.pt'}: torch.optim.AdamW.load_state_dict format ({len(c.params)} "
-               "parameters, numbered in the order of param_names)")
+    typer.echo(
+        f"wrote {out / 'adamw_state.pt'}: torch.optim.AdamW.load_state_dict format ({len(c.params)} "
+        "parameters, numbered in the order of param_names)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,6 @@ def split_corpus(val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]
 def get_batch(data: torch.Tensor, batch_size: int, context: int, gen: torch.Generator):
     """Random windows of ``context`` tokens and their next-token targets."""
     starts = torch.randint(len(data) - context - 1, (batch_size,), generator=gen)
-    x = torch.stack([data[s:s + context] for s in starts.tolist()])
-    y = torch.stack([data[s + 1:s + 1 + context] for s in starts.tolist()])
+    x = torch.stack([data[s : s + context] for s in starts.tolist()])
+    y = torch.stack([data[s + 1 : s + 1 + context] for s in starts.tolist()])
     return x, y

@@ -43,16 +43,21 @@ def plot(out: Path, resume_step: int) -> Path:
     for name, color in (("microadam", "tab:red"), ("adamw", "tab:blue")):
         run = json.loads((out / f"losses_{name}.json").read_text())
         losses = run["losses"]
-        smooth = [sum(losses[max(0, i - 9):i + 1]) / len(losses[max(0, i - 9):i + 1]) for i in range(len(losses))]
-        label = (f"{'MicroAdam' if name == 'microadam' else 'AdamW'}: val {run['val_loss']:.3f}, "
-                 f"state {run['state_bytes_total'] / run['num_params']:.2f} B/param")
+        smooth = [sum(losses[max(0, i - 9) : i + 1]) / len(losses[max(0, i - 9) : i + 1]) for i in range(len(losses))]
+        label = (
+            f"{'MicroAdam' if name == 'microadam' else 'AdamW'}: val {run['val_loss']:.3f}, "
+            f"state {run['state_bytes_total'] / run['num_params']:.2f} B/param"
+        )
         ax.plot(range(1, len(losses) + 1), losses, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(range(1, len(losses) + 1), smooth, color=color, label=label)
     worlds = " -> ".join(str(h["world_size"]) for h in run["history"])
     ax.axvline(resume_step, color="gray", linestyle="--", linewidth=1)
     ax.text(resume_step, ax.get_ylim()[1], f"  resumed (world size {worlds})", va="top", color="gray")
-    ax.set(xlabel="step", ylabel="training loss (nats / byte)",
-           title=f"GPT on CPython's documentation, {ENGINES[run.get('engine', 'fsdp')]}: MicroAdam vs AdamW")
+    ax.set(
+        xlabel="step",
+        ylabel="training loss (nats / byte)",
+        title=f"GPT on CPython's documentation, {ENGINES[run.get('engine', 'fsdp')]}: MicroAdam vs AdamW",
+    )
     ax.legend()
     fig.tight_layout()
     path = out / "loss_curve.png"

@@ -69,9 +69,11 @@ def collective_device(group=None, like: torch.device | str = "cpu") -> torch.dev
     acc = _accelerator()
     if acc is not None and acc.type in accepted:
         return acc
-    raise RuntimeError(f"the process group's backend ({dist.get_backend_config(group)}) takes no {like.type} "
-                       f"tensors and this process has no {'/'.join(accepted)} device; start the group with "
-                       f"a backend for {like.type} tensors too, e.g. 'cpu:gloo,cuda:nccl'")
+    raise RuntimeError(
+        f"the process group's backend ({dist.get_backend_config(group)}) takes no {like.type} "
+        f"tensors and this process has no {'/'.join(accepted)} device; start the group with "
+        f"a backend for {like.type} tensors too, e.g. 'cpu:gloo,cuda:nccl'"
+    )
 
 
 def init_process_group(backend: str | None = None, timeout: timedelta | None = None) -> None:
@@ -84,8 +86,13 @@ def init_process_group(backend: str | None = None, timeout: timedelta | None = N
         dist.init_process_group(backend, timeout=timeout)
         return
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                                is_master=False, timeout=timeout or default_pg_timeout)
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout or default_pg_timeout,
+    )
     store = dist.PrefixStore(f"microadam_dist/restart_{attempt}", agent_store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
@@ -115,10 +122,14 @@ def destroy_process_group(barrier: bool = True) -> None:
         # every collective has completed (the barrier); let a worker that still has to free a
         # finished one's tensors take the GIL now, while the interpreter can still give it
         time.sleep(0.1)
-        warnings.warn(f"{left} gloo worker thread(s) still run after destroy_process_group: a live object "
-                      "(a model, an optimizer, a DeepSpeed engine, a DeviceMesh) still holds its process "
-                      "group; delete it before the teardown (DeepSpeed ZeRO-3 keeps its groups in its "
-                      "parameters even after engine.destroy())", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"{left} gloo worker thread(s) still run after destroy_process_group: a live object "
+            "(a model, an optimizer, a DeepSpeed engine, a DeviceMesh) still holds its process "
+            "group; delete it before the teardown (DeepSpeed ZeRO-3 keeps its groups in its "
+            "parameters even after engine.destroy())",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def _release_cached_groups() -> None:
@@ -170,10 +181,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(nproc: int, args: list[str], *, module: str = "microadam_dist.train",
-                     restarts: int = 0, host: str = "127.0.0.1") -> list[str]:
+def torchrun_command(
+    nproc: int, args: list[str], *, module: str = "microadam_dist.train", restarts: int = 0, host: str = "127.0.0.1"
+) -> list[str]:
     """The command that runs ``python -m module *args`` on ``nproc`` local processes under
     torchrun, with its rendezvous on a free port of ``host``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--max-restarts", str(restarts), "--master-addr", host, "--master-port", str(free_port(host)),
-            "-m", module, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--max-restarts",
+        str(restarts),
+        "--master-addr",
+        host,
+        "--master-port",
+        str(free_port(host)),
+        "-m",
+        module,
+        *args,
+    ]

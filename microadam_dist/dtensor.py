@@ -87,8 +87,9 @@ def export_state(p: DTensor, state: dict, geometry: Geometry, window_size: int) 
             shape[row_dim] = p.shape[0]
             placements = [Replicate()] * mesh.ndim
             placements[mesh_dim] = Shard(row_dim)
-            out[key] = DTensor.from_local(value, mesh, placements, shape=torch.Size(shape),
-                                          stride=torch.empty(shape, device="meta").stride())
+            out[key] = DTensor.from_local(
+                value, mesh, placements, shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride()
+            )
         return out
     # 1-D (or replicated): gather every rank's owned blocks, replicate the whole state
     full = dict(state)
@@ -98,9 +99,10 @@ def export_state(p: DTensor, state: dict, geometry: Geometry, window_size: int) 
             if key != "step":
                 full[key] = _gather_cat(value, dim=1 if key.startswith("window") else 0, group=pg)
     rows = widen_indices(StateLayout(geometry, window_size).to_rows(full))
-    return {key: value if key == "step" else
-            DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
-            for key, value in rows.items()}
+    return {
+        key: value if key == "step" else DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        for key, value in rows.items()
+    }
 
 
 def import_state(p: DTensor, saved: dict, geometry: Geometry, window_size: int) -> dict:

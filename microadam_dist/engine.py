@@ -74,8 +74,9 @@ def install(optimizer, state_dict: dict, states: dict) -> None:
 
 def check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
     if grad.is_sparse:
-        raise RuntimeError("MicroAdam does not support sparse gradients; use dense gradients "
-                           "(for nn.Embedding, sparse=False)")
+        raise RuntimeError(
+            "MicroAdam does not support sparse gradients; use dense gradients (for nn.Embedding, sparse=False)"
+        )
     if grad.is_complex() or not grad.is_floating_point():
         raise RuntimeError(f"MicroAdam needs real floating-point gradients, got {grad.dtype}")
     if grad.shape != p.shape:
@@ -107,22 +108,52 @@ class ParamsEngine:
                 seg, pg = dtensor.dtensor_segment(p, key, geometry_of(p.shape, group), group)
                 sharded.setdefault(pg, []).append((p, seg))
             elif getattr(p, "_fsdp_flattened", False):
-                raise RuntimeError("this parameter is an FSDP1 (FullyShardedDataParallel) shard: call "
-                                   "microadam_dist.fsdp1.attach(optimizer, model) once after building the optimizer")
+                raise RuntimeError(
+                    "this parameter is an FSDP1 (FullyShardedDataParallel) shard: call "
+                    "microadam_dist.fsdp1.attach(optimizer, model) once after building the optimizer"
+                )
             elif p.grad is not None:
                 flat = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
                 if flat.data_ptr() != p.data_ptr():
                     copy_back.append((p, flat))
-                local.append((p, Segment(key=key, geometry=geometry_of(p.shape, group), start=0, param=flat,
-                                         grad=p.grad.reshape(-1), group=group)))
+                local.append(
+                    (
+                        p,
+                        Segment(
+                            key=key,
+                            geometry=geometry_of(p.shape, group),
+                            start=0,
+                            param=flat,
+                            grad=p.grad.reshape(-1),
+                            group=group,
+                        ),
+                    )
+                )
         works = []
         if local:
-            works.append(self._work(optimizer, (group_index, "local"), None, True, local, copy_back,
-                                    lambda key: f"parameter {key[1]} of group {key[0]} (shape "
-                                                f"{tuple(group['params'][key[1]].shape)})"))
+            works.append(
+                self._work(
+                    optimizer,
+                    (group_index, "local"),
+                    None,
+                    True,
+                    local,
+                    copy_back,
+                    lambda key: f"parameter {key[1]} of group {key[0]} (shape {tuple(group['params'][key[1]].shape)})",
+                )
+            )
         for pg, items in sharded.items():
-            works.append(self._work(optimizer, (group_index, pg), pg, False, items, [],
-                                    lambda key: f"parameter {key[1]} of group {key[0]}"))
+            works.append(
+                self._work(
+                    optimizer,
+                    (group_index, pg),
+                    pg,
+                    False,
+                    items,
+                    [],
+                    lambda key: f"parameter {key[1]} of group {key[0]}",
+                )
+            )
         return works
 
     @staticmethod
@@ -159,8 +190,10 @@ class ParamsEngine:
         by_id = {}
         for i, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
             if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"parameter group {i}: the state_dict has {len(saved['params'])} parameters, "
-                                 f"the optimizer {len(group['params'])}")
+                raise ValueError(
+                    f"parameter group {i}: the state_dict has {len(saved['params'])} parameters, "
+                    f"the optimizer {len(group['params'])}"
+                )
             by_id.update(zip(saved["params"], [(p, group) for p in group["params"]]))
         unknown = [pid for pid in state_dict["state"] if pid not in by_id]
         if unknown:

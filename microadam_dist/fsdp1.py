@@ -41,8 +41,10 @@ def attach(optimizer, model: nn.Module) -> None:
         raise ValueError("attach() found no FullyShardedDataParallel module in the model")
     known = [p for g in optimizer.param_groups for p in g["params"] if id(p) in where]
     if not known:
-        raise ValueError("none of the optimizer's parameters belong to the FSDP1 model; build the "
-                         "optimizer from the wrapped model's parameters()")
+        raise ValueError(
+            "none of the optimizer's parameters belong to the FSDP1 model; build the "
+            "optimizer from the wrapped model's parameters()"
+        )
     optimizer.engine = FSDP1Engine(where)
 
 
@@ -72,16 +74,29 @@ class FSDP1Engine:
             else:  # an original parameter: its local part, already flattened
                 param, grad = p.data.view(-1), None if p.grad is None else p.grad.view(-1)
             key = (group_index, param_index, j)
-            out.append((j, Segment(key=key, geometry=geometry_of(flat._shapes[j], group),
-                                   start=info.intra_param_start_idx, param=param, grad=grad, group=group)))
+            out.append(
+                (
+                    j,
+                    Segment(
+                        key=key,
+                        geometry=geometry_of(flat._shapes[j], group),
+                        start=info.intra_param_start_idx,
+                        param=param,
+                        grad=grad,
+                        group=group,
+                    ),
+                )
+            )
         return handle.process_group, out
 
     def segments(self, optimizer, group_index: int, group: dict) -> list[StepWork]:
         by_pg: dict = {}
         for param_index, p in enumerate(group["params"]):
             if id(p) not in self.where:
-                raise ValueError("a parameter group mixes FSDP1 parameters with others; give the "
-                                 "non-FSDP1 parameters their own group")
+                raise ValueError(
+                    "a parameter group mixes FSDP1 parameters with others; give the "
+                    "non-FSDP1 parameters their own group"
+                )
             pg, segs = self._segments(group_index, group, p, param_index)
             per_param = optimizer.state[p]  # {j: state}
             by_pg.setdefault(pg, []).extend((per_param, j, seg) for j, seg in segs)
@@ -96,10 +111,15 @@ class FSDP1Engine:
             for p in [p for p, st in optimizer.state.items() if isinstance(st, dict) and not st]:
                 del optimizer.state[p]
 
-        return StepWork(key=(group_index, pg), process_group=pg, local=False, segments=[seg for *_, seg in items],
-                        states={seg.key: per_param.setdefault(j, {}) for per_param, j, seg in items},
-                        describe=lambda key: f"part {key[2]} of parameter {key[1]} of group {key[0]} (FSDP1)",
-                        finish=finish)
+        return StepWork(
+            key=(group_index, pg),
+            process_group=pg,
+            local=False,
+            segments=[seg for *_, seg in items],
+            states={seg.key: per_param.setdefault(j, {}) for per_param, j, seg in items},
+            describe=lambda key: f"part {key[2]} of parameter {key[1]} of group {key[0]} (FSDP1)",
+            finish=finish,
+        )
 
     def state_dict(self, optimizer) -> dict:
         import torch
@@ -117,14 +137,18 @@ class FSDP1Engine:
                     expected = dict(segs)
                     if set(per_param) != set(expected):
                         raise ValueError(
-                            f"the saved FSDP1 state of parameter {index} covers the parts of original parameters {sorted(per_param)}, this "
-                            f"rank holds {sorted(expected)}: it was saved at another world size or for another "
-                            "model (reshard it with `microadam-ckpt reshard`)")
+                            f"the saved FSDP1 state of parameter {index} covers the parts of original parameters "
+                            f"{sorted(per_param)}, this rank holds {sorted(expected)}: it was saved at another world "
+                            "size or for another model (reshard it with `microadam-ckpt reshard`)"
+                        )
                     loaded[p] = {}
                     for j, st in per_param.items():
                         layout = expected[j].state_layout()
-                        layout.check(st, f"part {j} of parameter {index}",
-                                     hint="this rank's shard differs: saved at another world size or for another model")
+                        layout.check(
+                            st,
+                            f"part {j} of parameter {index}",
+                            hint="this rank's shard differs: saved at another world size or for another model",
+                        )
                         loaded[p][j] = layout.install(st, p.device)
                 index += 1
         install(optimizer, sd, loaded)

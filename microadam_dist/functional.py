@@ -41,9 +41,17 @@ class StepConfig:
     @classmethod
     def from_group(cls, group: dict, step: int, chunk_elements: int = 1 << 20) -> "StepConfig":
         """The step of a parameter of ``group`` (a param group) whose step count becomes ``step``."""
-        return cls(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                   weight_decay=group["weight_decay"], window_size=group["window_size"], step=step,
-                   chunk_elements=chunk_elements, alpha=group.get("alpha", 0.0))
+        return cls(
+            lr=group["lr"],
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            window_size=group["window_size"],
+            step=step,
+            chunk_elements=chunk_elements,
+            alpha=group.get("alpha", 0.0),
+        )
 
 
 def densify_scalars(cfg: StepConfig) -> tuple[float, float]:
@@ -175,8 +183,9 @@ class _ChunkViews:
         self.win_idx = _view(wi, k_off, (wi.shape[0], nr, nc, k), (wi.stride(0), p.k_row_stride, k, 1))
         self.win_val = _view(wv, k_off, (wv.shape[0], nr, nc, k), (wv.stride(0), p.k_row_stride, k, 1))
         self.ef_codes = _view(state["ef_codes"], ef_off, (nr, nc, p.ef_bytes), (p.ef_row_stride, p.ef_bytes, 1))
-        self.ef_stats = _view(state["ef_stats"], 2 * q_off, (nr, nc, p.buckets, 2),
-                              (2 * p.bucket_row_stride, 2 * p.buckets, 2, 1))
+        self.ef_stats = _view(
+            state["ef_stats"], 2 * q_off, (nr, nc, p.buckets, 2), (2 * p.bucket_row_stride, 2 * p.buckets, 2, 1)
+        )
 
 
 def _flat_blocks(t: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -236,7 +245,7 @@ def microadam_blocks_(
             win_idx = v.win_idx[:filled].reshape(filled, nb, k).long()
             win_val = v.win_val[:filled].reshape(filled, nb, k).float()
             flat_idx = win_idx.permute(1, 0, 2).reshape(nb, filled * k)
-            m_sum, s_sum = scratch.view(2, -1)[:, :nb * n].view(2, nb, n).unbind(0)
+            m_sum, s_sum = scratch.view(2, -1)[:, : nb * n].view(2, nb, n).unbind(0)
             m_sum.scatter_add_(1, flat_idx, (win_val * w1).permute(1, 0, 2).reshape(nb, filled * k))
             s_sum.scatter_add_(1, flat_idx, (win_val * win_val * w2).permute(1, 0, 2).reshape(nb, filled * k))
             m_at, s_at = m_sum.gather(1, flat_idx), s_sum.gather(1, flat_idx)
@@ -308,9 +317,9 @@ def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, floa
     return (1.0 - beta1) / (1.0 - beta1**step), (1.0 - beta2) / (1.0 - beta2**step)
 
 
-
-
-def dense_moments(geometry: Geometry, state: dict[str, torch.Tensor], cfg: StepConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_moments(
+    geometry: Geometry, state: dict[str, torch.Tensor], cfg: StepConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam's moments rebuilt densely from a whole parameter's window (internal flat state).
 
     Returns (M, S) as flat fp32 tensors of the parameter's size: M = sum_i b1^age_i v_i and

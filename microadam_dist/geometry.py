@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 
 
-
 def topk_count(density: float, n: int) -> int:
     """k = ceil(density * n), at least 1 and at most n.
 
@@ -197,10 +196,20 @@ class Geometry:
         start = self.block_start(row * self.blocks_per_row + c0)
         kr, er, qr = self.per_row
         return BlockRect(
-            num_rows=nrows, num_cols=c1 - c0, block_len=n, k=k, buckets=buckets, ef_bytes=ef,
-            elem_offset=start[0] - origin[0], k_offset=start[1] - origin[1],
-            ef_offset=start[2] - origin[2], bucket_offset=start[3] - origin[3],
-            elem_row_stride=self.row_len, k_row_stride=kr, ef_row_stride=er, bucket_row_stride=qr,
+            num_rows=nrows,
+            num_cols=c1 - c0,
+            block_len=n,
+            k=k,
+            buckets=buckets,
+            ef_bytes=ef,
+            elem_offset=start[0] - origin[0],
+            k_offset=start[1] - origin[1],
+            ef_offset=start[2] - origin[2],
+            bucket_offset=start[3] - origin[3],
+            elem_row_stride=self.row_len,
+            k_row_stride=kr,
+            ef_row_stride=er,
+            bucket_row_stride=qr,
         )
 
 

@@ -60,12 +60,16 @@ def validate_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid alpha: {alpha!r}; it must be in [0, 1) (0 turns densification off)")
     b = group["block_size"]
     if not _is_int(b) or not 1 <= b <= MAX_BLOCK_SIZE:
-        raise ValueError(f"Invalid block_size: {b!r}; it must be an integer in [1, {MAX_BLOCK_SIZE}] "
-                         "(block-local indices are stored as int16)")
+        raise ValueError(
+            f"Invalid block_size: {b!r}; it must be an integer in [1, {MAX_BLOCK_SIZE}] "
+            "(block-local indices are stored as int16)"
+        )
     q = group["quant_bucket_size"]
     if not _is_int(q) or not 1 <= q <= b or b % q:
-        raise ValueError(f"Invalid quant_bucket_size: {q!r}; it must be an integer that divides "
-                         f"block_size={b} (buckets tile each block)")
+        raise ValueError(
+            f"Invalid quant_bucket_size: {q!r}; it must be an integer that divides "
+            f"block_size={b} (buckets tile each block)"
+        )
 
 
 def same_geometry_setting(key: str, saved, current) -> bool:
@@ -74,8 +78,11 @@ def same_geometry_setting(key: str, saved, current) -> bool:
     computation of the same decimal). Loaders check the state's shapes separately."""
     if key != "density":
         return saved == current
-    if isinstance(saved, bool) or isinstance(current, bool) or not all(
-            isinstance(v, (int, float)) for v in (saved, current)):
+    if (
+        isinstance(saved, bool)
+        or isinstance(current, bool)
+        or not all(isinstance(v, (int, float)) for v in (saved, current))
+    ):
         return False
     return math.isclose(float(saved), float(current), rel_tol=DENSITY_REL_TOL, abs_tol=0.0)
 
@@ -98,6 +105,8 @@ def check_same_geometry(saved_groups: list, groups: list[dict], error: type[Exce
             raise error(f"parameter group {i} of the state_dict has no {absent[0]!r}: it was not saved by MicroAdam")
         key = geometry_mismatch(saved, group)
         if key is not None:
-            raise error(f"cannot load MicroAdam state saved with {key}={saved[key]!r} into an optimizer with "
-                        f"{key}={group[key]!r} (parameter group {i}); build the optimizer with "
-                        f"{key}={saved[key]!r} to resume this checkpoint")
+            raise error(
+                f"cannot load MicroAdam state saved with {key}={saved[key]!r} into an optimizer with "
+                f"{key}={group[key]!r} (parameter group {i}); build the optimizer with "
+                f"{key}={saved[key]!r} to resume this checkpoint"
+            )

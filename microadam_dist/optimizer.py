@@ -91,12 +91,20 @@ class MicroAdam(torch.optim.Optimizer):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
         if backend == "triton" and not triton_available():
-            raise RuntimeError("backend='triton' needs the triton package: pip install 'microadam_dist[triton]' "
-                               "(or use backend='torch' / 'auto')")
+            raise RuntimeError(
+                "backend='triton' needs the triton package: pip install 'microadam_dist[triton]' "
+                "(or use backend='torch' / 'auto')"
+            )
         defaults = dict(
-            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-            weight_decay=weight_decay, window_size=window_size, density=density,
-            block_size=block_size, quant_bucket_size=quant_bucket_size, alpha=alpha,
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            window_size=window_size,
+            density=density,
+            block_size=block_size,
+            quant_bucket_size=quant_bucket_size,
+            alpha=alpha,
         )
         validate_hyperparameters(defaults)
         self.backend = backend
@@ -114,8 +122,10 @@ class MicroAdam(torch.optim.Optimizer):
                 self._check_triton_limits(group)
             for p in group["params"]:
                 if p.is_complex():
-                    raise ValueError("MicroAdam does not support complex parameters; view them as real "
-                                     "with torch.view_as_real before building the optimizer")
+                    raise ValueError(
+                        "MicroAdam does not support complex parameters; view them as real "
+                        "with torch.view_as_real before building the optimizer"
+                    )
                 if not p.is_floating_point():
                     raise ValueError(f"MicroAdam needs floating-point parameters, got {p.dtype}")
         except ValueError:
@@ -130,10 +140,12 @@ class MicroAdam(torch.optim.Optimizer):
 
         k = topk_count(float(group["density"]), group["block_size"])
         if not triton_path.supports(group["window_size"], k):
-            raise ValueError(f"backend='triton' handles window_size * k <= {triton_path.MAX_WINDOW_ENTRIES} "
-                             f"entries per block, got window_size={group['window_size']} * k={k} (density "
-                             f"{group['density']} of block_size {group['block_size']}); use backend='auto' "
-                             "(which falls back to the reference for such blocks) or a smaller window or density")
+            raise ValueError(
+                f"backend='triton' handles window_size * k <= {triton_path.MAX_WINDOW_ENTRIES} "
+                f"entries per block, got window_size={group['window_size']} * k={k} (density "
+                f"{group['density']} of block_size {group['block_size']}); use backend='auto' "
+                "(which falls back to the reference for such blocks) or a smaller window or density"
+            )
 
     # ---- geometry and state --------------------------------------------------------------------
     @staticmethod
@@ -198,10 +210,16 @@ class MicroAdam(torch.optim.Optimizer):
         ``nonfinite="raise"``, an error (nothing has been changed for that parameter either)."""
         self.nonfinite_skips += 1
         if self.nonfinite == "raise":
-            raise FloatingPointError(f"MicroAdam: the gradient of {what} has a NaN or an infinity; its "
-                                     "state is untouched (use nonfinite='skip' to skip such steps)")
-        warnings.warn(f"MicroAdam skipped the step of {what}: its gradient has a NaN or an infinity "
-                      f"({self.nonfinite_skips} skipped so far; state untouched)", RuntimeWarning, stacklevel=3)
+            raise FloatingPointError(
+                f"MicroAdam: the gradient of {what} has a NaN or an infinity; its "
+                "state is untouched (use nonfinite='skip' to skip such steps)"
+            )
+        warnings.warn(
+            f"MicroAdam skipped the step of {what}: its gradient has a NaN or an infinity "
+            f"({self.nonfinite_skips} skipped so far; state untouched)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     @property
     def _steppers(self) -> dict:

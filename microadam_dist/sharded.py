@@ -117,8 +117,10 @@ def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: i
     for i, (key, start, end, head_end, _) in enumerate(layout[rank]):
         if head_end > start:
             if (key, start) not in returned:
-                raise RuntimeError(f"elements [{start}, {head_end}) of parameter {key!r} belong to a "
-                                   "block whose first element no rank holds")
+                raise RuntimeError(
+                    f"elements [{start}, {head_end}) of parameter {key!r} belong to a "
+                    "block whose first element no rank holds"
+                )
             owner, off = returned[(key, start)]
             plan.my_head_returns.append((i, 0, head_end - start, owner, off))
     plan.send_len, plan.return_len = max(send_lens), max(return_lens)
@@ -170,8 +172,9 @@ class ShardedStepper:
         return self._plan
 
     @torch.no_grad()
-    def step(self, segments: list[Segment], states: dict[Hashable, dict], chunk_elements: int,
-             blocks_fn=microadam_blocks_) -> list[Hashable]:
+    def step(
+        self, segments: list[Segment], states: dict[Hashable, dict], chunk_elements: int, blocks_fn=microadam_blocks_
+    ) -> list[Hashable]:
         """One step of every segment; ``blocks_fn`` is the reference or the Triton path.
 
         Returns the keys of the parameters skipped because some rank's part of the gradient held a NaN
@@ -198,8 +201,8 @@ class ShardedStepper:
         for i, off, n, dst in plan.my_heads:
             seg = segments[i]
             if seg.grad is not None:
-                send[dst:dst + n] = seg.grad[off:off + n]
-            send[dst + n:dst + 2 * n] = seg.param[off:off + n]
+                send[dst : dst + n] = seg.grad[off : off + n]
+            send[dst + n : dst + 2 * n] = seg.param[off : off + n]
         gathered = [g.to(param_device) for g in self._all_gather(send, world)]
 
         # 2. owners step on their blocks, the received tail appended
@@ -219,27 +222,27 @@ class ShardedStepper:
             param, grad = seg.param[lo:hi], seg.grad[lo:hi]
             if i in tails:
                 parts = tails[i]
-                param = torch.cat([param] + [gathered[r][o + n:o + 2 * n].to(param.dtype) for r, o, n, _ in parts])
-                grad = torch.cat([grad] + [gathered[r][o:o + n].to(grad.dtype) for r, o, n, _ in parts])
+                param = torch.cat([param] + [gathered[r][o + n : o + 2 * n].to(param.dtype) for r, o, n, _ in parts])
+                grad = torch.cat([grad] + [gathered[r][o : o + n].to(grad.dtype) for r, o, n, _ in parts])
             cfg = StepConfig.from_group(seg.group, step=int(state["step"]) + 1, chunk_elements=chunk_elements)
             blocks_fn(seg.geometry, b0, b1, param, grad, state, cfg)
             state["step"] += 1
             if i in tails:
-                seg.param[lo:hi].copy_(param[:hi - lo])
-                self._fill_returns(ret, tails[i], gathered, param=param[hi - lo:])
+                seg.param[lo:hi].copy_(param[: hi - lo])
+                self._fill_returns(ret, tails[i], gathered, param=param[hi - lo :])
 
         # 3. updated heads back
         if world > 1:
             back = [b.to(param_device) for b in self._all_gather(ret.to(device), world)]
             for i, off, n, owner, src in plan.my_head_returns:
-                segments[i].param[off:off + n].copy_(back[owner][src:src + n])
+                segments[i].param[off : off + n].copy_(back[owner][src : src + n])
         return sorted(skipped, key=plan.keys.index)
 
     @staticmethod
     def _fill_returns(ret, parts, gathered, param):
         pos = 0
         for r, o, n, dst in parts:
-            ret[dst:dst + n] = gathered[r][o + n:o + 2 * n] if param is None else param[pos:pos + n]
+            ret[dst : dst + n] = gathered[r][o + n : o + 2 * n] if param is None else param[pos : pos + n]
             pos += n
 
     def _all_gather(self, t: torch.Tensor, world: int) -> list[torch.Tensor]:
@@ -267,8 +270,9 @@ class ShardedStepper:
             plan = self.plan(segments, replan=stale)
             bad = {s.key for s, flag in zip(stepping, nonfinite.tolist()) if flag}
             return plan, bad, {s.key for s in fresh} - self._live(fresh, bad) - bad
-        local = torch.stack([torch.tensor(stale).to(nonfinite.device), torch.tensor(bool(fresh)).to(nonfinite.device),
-                             nonfinite.any()]).to(device, torch.int64)
+        local = torch.stack(
+            [torch.tensor(stale).to(nonfinite.device), torch.tensor(bool(fresh)).to(nonfinite.device), nonfinite.any()]
+        ).to(device, torch.int64)
         dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.process_group)
         stale, any_fresh, any_bad = local.tolist()
         plan = self.plan(segments, replan=bool(stale))

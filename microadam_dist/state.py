@@ -84,8 +84,13 @@ class StateLayout:
         """Shapes of the range in row form (it must cover whole rows)."""
         rows = self._whole_rows()
         (k_row, e_row, q_row), m = self.geometry.per_row, self.window_size
-        return {"step": (), "window_idx": (m, rows, k_row), "window_val": (m, rows, k_row),
-                "ef_codes": (rows, e_row), "ef_stats": (rows, q_row, 2)}
+        return {
+            "step": (),
+            "window_idx": (m, rows, k_row),
+            "window_val": (m, rows, k_row),
+            "ef_codes": (rows, e_row),
+            "ef_stats": (rows, q_row, 2),
+        }
 
     def nbytes(self) -> int:
         return sum(_numel(shape) * DTYPES[key].itemsize for key, shape in self.flat_shapes().items())
@@ -93,15 +98,18 @@ class StateLayout:
     def _whole_rows(self) -> int:
         rows = self.rows
         if rows is None:
-            raise ValueError(f"blocks [{self.b0}, {self.b1}) are not whole rows of a parameter of shape "
-                             f"{self.geometry.shape}")
+            raise ValueError(
+                f"blocks [{self.b0}, {self.b1}) are not whole rows of a parameter of shape {self.geometry.shape}"
+            )
         return rows
 
     # ---- building ----------------------------------------------------------------------------------
     def zeros(self, device) -> dict[str, torch.Tensor]:
         """Fresh state: an empty window and an error feedback of exactly 0."""
-        return {key: torch.zeros(shape, dtype=DTYPES[key], device="cpu" if key == "step" else device)
-                for key, shape in self.flat_shapes().items()}
+        return {
+            key: torch.zeros(shape, dtype=DTYPES[key], device="cpu" if key == "step" else device)
+            for key, shape in self.flat_shapes().items()
+        }
 
     def install(self, flat: dict, device) -> dict[str, torch.Tensor]:
         """Own copies of flat state on ``device``, keeping the saved dtypes (``step`` on the CPU).
@@ -109,31 +117,49 @@ class StateLayout:
         torch's ``Optimizer.load_state_dict`` would cast floating-point state to the parameter's
         dtype (bf16 window values to fp32, fp32 statistics to bf16): state is installed here instead.
         """
-        return {key: flat[key].detach().to("cpu" if key == "step" else device, copy=True).contiguous()
-                for key in FIELDS}
+        return {
+            key: flat[key].detach().to("cpu" if key == "step" else device, copy=True).contiguous() for key in FIELDS
+        }
 
     # ---- checking ----------------------------------------------------------------------------------
-    def check(self, st, what: str, *, rows: bool = False, error: type[Exception] = ValueError,
-              hint: str = "it was saved for another model, geometry or layout") -> None:
+    def check(
+        self,
+        st,
+        what: str,
+        *,
+        rows: bool = False,
+        error: type[Exception] = ValueError,
+        hint: str = "it was saved for another model, geometry or layout",
+    ) -> None:
         """Raise ``error`` unless ``st`` holds exactly the five fields with their dtypes and this
         range's shapes (flat form, or row form with ``rows``); ``what`` names it in the message."""
         self.check_shapes(st, self.row_shapes() if rows else self.flat_shapes(), what, error=error, hint=hint)
 
     @staticmethod
-    def check_shapes(st, shapes: dict, what: str, *, error: type[Exception] = ValueError,
-                     hint: str = "it was saved for another model, geometry or layout") -> None:
+    def check_shapes(
+        st,
+        shapes: dict,
+        what: str,
+        *,
+        error: type[Exception] = ValueError,
+        hint: str = "it was saved for another model, geometry or layout",
+    ) -> None:
         """``check`` against explicit shapes (the packed form's, for instance)."""
         if not isinstance(st, dict) or set(st) != set(shapes):
             keys = sorted(st) if isinstance(st, dict) else type(st).__name__
-            raise error(f"{what} has keys {keys}, expected MicroAdam's {sorted(shapes)}: is this another "
-                        "optimizer's checkpoint?")
+            raise error(
+                f"{what} has keys {keys}, expected MicroAdam's {sorted(shapes)}: is this another "
+                "optimizer's checkpoint?"
+            )
         for key, shape in shapes.items():
             value = st[key]
             if not isinstance(value, torch.Tensor):
                 raise error(f"state {key!r} of {what} is a {type(value).__name__}, expected a tensor")
             if value.dtype != DTYPES[key] or tuple(value.shape) != tuple(shape):
-                raise error(f"state {key!r} of {what} is {value.dtype} {tuple(value.shape)}, expected "
-                            f"{DTYPES[key]} {tuple(shape)}: {hint}")
+                raise error(
+                    f"state {key!r} of {what} is {value.dtype} {tuple(value.shape)}, expected "
+                    f"{DTYPES[key]} {tuple(shape)}: {hint}"
+                )
 
     def check_values(self, flat: dict, what: str, error: type[Exception] = ValueError) -> None:
         """The invariants of valid state: a non-negative step, window indices inside their blocks,
@@ -153,7 +179,7 @@ class StateLayout:
         for rect in self.geometry.rects(self.b0, self.b1):
             for r in range(rect.num_rows):
                 start = rect.k_offset + r * rect.k_row_stride
-                out[start:start + rect.num_cols * rect.k] = rect.block_len
+                out[start : start + rect.num_cols * rect.k] = rect.block_len
         return out
 
     # ---- forms -------------------------------------------------------------------------------------
@@ -166,13 +192,22 @@ class StateLayout:
         """Fresh flat state of this range from row form: ``values`` covers either exactly this range
         (as many rows) or the whole parameter, out of which the range is cut."""
         m = self.window_size
-        flat = {key: values[key].reshape(m, -1) if key in WINDOW_FIELDS else values[key].reshape(-1, 2)
-                if key == "ef_stats" else values[key].reshape(-1) for key in FIELDS if key != "step"}
+        flat = {
+            key: values[key].reshape(m, -1)
+            if key in WINDOW_FIELDS
+            else values[key].reshape(-1, 2)
+            if key == "ef_stats"
+            else values[key].reshape(-1)
+            for key in FIELDS
+            if key != "step"
+        }
         if flat["ef_codes"].numel() != self.sizes[1]:  # the whole parameter: take the range
             whole = StateLayout(self.geometry, m)
             if flat["ef_codes"].numel() != whole.sizes[1]:
-                raise ValueError(f"row-form state of {flat['ef_codes'].numel()} error-feedback bytes fits neither "
-                                 f"blocks [{self.b0}, {self.b1}) nor the whole parameter {self.geometry.shape}")
+                raise ValueError(
+                    f"row-form state of {flat['ef_codes'].numel()} error-feedback bytes fits neither "
+                    f"blocks [{self.b0}, {self.b1}) nor the whole parameter {self.geometry.shape}"
+                )
             flat = self.cut(flat)
         out = {key: value.clone(memory_format=torch.contiguous_format) for key, value in flat.items()}
         out["step"] = values["step"].detach().to("cpu", torch.int64).clone()
@@ -181,8 +216,12 @@ class StateLayout:
     def cut(self, whole: dict) -> dict[str, torch.Tensor]:
         """Views of this range's blocks in the flat state of the whole parameter (``step`` omitted)."""
         (_, k0, e0, q0), (_, k1, e1, q1) = self.geometry.block_start(self.b0), self.geometry.block_start(self.b1)
-        return {"window_idx": whole["window_idx"][:, k0:k1], "window_val": whole["window_val"][:, k0:k1],
-                "ef_codes": whole["ef_codes"][e0:e1], "ef_stats": whole["ef_stats"][q0:q1]}
+        return {
+            "window_idx": whole["window_idx"][:, k0:k1],
+            "window_val": whole["window_val"][:, k0:k1],
+            "ef_codes": whole["ef_codes"][e0:e1],
+            "ef_stats": whole["ef_stats"][q0:q1],
+        }
 
     @staticmethod
     def join(geometry: Geometry, window_size: int, parts: list[tuple[int, int, dict]]) -> dict[str, torch.Tensor]:
@@ -196,8 +235,11 @@ class StateLayout:
             pos = b1
         if pos != geometry.num_blocks or not parts:
             raise ValueError(f"blocks from {pos} are held by no rank")
-        flat = {key: torch.cat([p[2][key] for p in parts], dim=1 if key in WINDOW_FIELDS else 0)
-                for key in FIELDS if key != "step"}
+        flat = {
+            key: torch.cat([p[2][key] for p in parts], dim=1 if key in WINDOW_FIELDS else 0)
+            for key in FIELDS
+            if key != "step"
+        }
         flat["step"] = parts[0][2]["step"].clone()
         return StateLayout(geometry, window_size).to_rows(flat)
 
@@ -221,8 +263,10 @@ def narrow_indices(st) -> dict:
         local = idx.to_local() if hasattr(idx, "to_local") else idx
         info = torch.iinfo(DTYPES["window_idx"])
         if local.numel() and (int(local.min()) < info.min or int(local.max()) > info.max):
-            raise ValueError(f"window indices out of the int16 range ({int(local.min())}..{int(local.max())}): "
-                             "the saved state is damaged")
+            raise ValueError(
+                f"window indices out of the int16 range ({int(local.min())}..{int(local.max())}): "
+                "the saved state is damaged"
+            )
         return {**st, "window_idx": idx.to(DTYPES["window_idx"])}
     return st
 
@@ -236,8 +280,10 @@ def packed_shapes(layouts: list[StateLayout]) -> dict[str, tuple]:
 
 
 def packed_zeros(layouts: list[StateLayout], device) -> dict[str, torch.Tensor]:
-    return {key: torch.zeros(shape, dtype=DTYPES[key], device="cpu" if key == "step" else device)
-            for key, shape in packed_shapes(layouts).items()}
+    return {
+        key: torch.zeros(shape, dtype=DTYPES[key], device="cpu" if key == "step" else device)
+        for key, shape in packed_shapes(layouts).items()
+    }
 
 
 def packed_views(layouts: list[StateLayout], packed: dict) -> list[dict[str, torch.Tensor]]:
@@ -245,9 +291,15 @@ def packed_views(layouts: list[StateLayout], packed: dict) -> list[dict[str, tor
     views, k0, e0, q0 = [], 0, 0, 0
     for j, layout in enumerate(layouts):
         k, e, q = layout.sizes
-        views.append({"step": packed["step"][j], "window_idx": packed["window_idx"][:, k0:k0 + k],
-                      "window_val": packed["window_val"][:, k0:k0 + k], "ef_codes": packed["ef_codes"][e0:e0 + e],
-                      "ef_stats": packed["ef_stats"][q0:q0 + q]})
+        views.append(
+            {
+                "step": packed["step"][j],
+                "window_idx": packed["window_idx"][:, k0 : k0 + k],
+                "window_val": packed["window_val"][:, k0 : k0 + k],
+                "ef_codes": packed["ef_codes"][e0 : e0 + e],
+                "ef_stats": packed["ef_stats"][q0 : q0 + q],
+            }
+        )
         k0, e0, q0 = k0 + k, e0 + e, q0 + q
     return views
 
@@ -267,4 +319,15 @@ def _numel(shape) -> int:
     return n
 
 
-__all__ = ["DTYPES", "EXPORT_INDEX_DTYPE", "FIELDS", "StateLayout", "packed_shapes", "packed_views", "packed_zeros", "narrow_indices", "state_nbytes", "widen_indices"]
+__all__ = [
+    "DTYPES",
+    "EXPORT_INDEX_DTYPE",
+    "FIELDS",
+    "StateLayout",
+    "packed_shapes",
+    "packed_views",
+    "packed_zeros",
+    "narrow_indices",
+    "state_nbytes",
+    "widen_indices",
+]

@@ -26,9 +26,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
+from .checkpoint import TRAIN_META, last_complete, seal, swap_into_place
 from .data import get_batch, split_corpus
 from .distributed import collective_device, destroy_process_group, init_process_group
-from .checkpoint import TRAIN_META, last_complete, seal, swap_into_place
 from .models import GPT, GPTConfig
 from .optimizer import MicroAdam
 from .state import state_nbytes
@@ -67,7 +67,7 @@ def mean_across_ranks(value: float) -> float:
 def local_slice(x: torch.Tensor) -> torch.Tensor:
     rank, size = world()
     per_rank = x.shape[0] // size
-    return x[rank * per_rank:(rank + 1) * per_rank]
+    return x[rank * per_rank : (rank + 1) * per_rank]
 
 
 def build_model(args, device) -> GPT:
@@ -110,19 +110,28 @@ def deepspeed_engine(name: str, model: GPT, args):
     cfg = json.loads(Path(args.deepspeed_config).read_text())
     for key in ("scheduler", "train_batch_size"):
         cfg.pop(key, None)
-    cfg.update(train_micro_batch_size_per_gpu=args.batch_size // world()[1], gradient_accumulation_steps=1,
-               gradient_clipping=0.0, steps_per_print=10**9)
+    cfg.update(
+        train_micro_batch_size_per_gpu=args.batch_size // world()[1],
+        gradient_accumulation_steps=1,
+        gradient_clipping=0.0,
+        steps_per_print=10**9,
+    )
     if not torch.cuda.is_available():
         cfg["bf16"] = {"enabled": False}
     zero = cfg.setdefault("zero_optimization", {"stage": 2})
     if name == "microadam":
-        params = {**cfg.get("optimizer", {}).get("params", {}), "lr": args.lr_microadam,
-                  "weight_decay": args.weight_decay}
+        params = {
+            **cfg.get("optimizer", {}).get("params", {}),
+            "lr": args.lr_microadam,
+            "weight_decay": args.weight_decay,
+        }
         cfg["optimizer"] = {"type": "MicroAdam", "params": params}
         zero.pop("elastic_checkpoint", None)
     else:
-        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": args.lr_adamw, "weight_decay": args.weight_decay,
-                                                       "torch_adam": True}}
+        cfg["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": args.lr_adamw, "weight_decay": args.weight_decay, "torch_adam": True},
+        }
         if zero.get("stage", 0) in (1, 2):
             zero["elastic_checkpoint"] = True
     deepspeed_zero.register_with_torch_optim()
@@ -170,8 +179,10 @@ def _save_adamw_full_state(engine, directory: Path) -> None:
 
     full = {}
     for name, p in engine.module.named_parameters():
-        full[name] = {"fp32": safe_get_full_fp32_param(p).cpu(),
-                      **{k: safe_get_full_optimizer_state(p, k).cpu() for k in ("exp_avg", "exp_avg_sq")}}
+        full[name] = {
+            "fp32": safe_get_full_fp32_param(p).cpu(),
+            **{k: safe_get_full_optimizer_state(p, k).cpu() for k in ("exp_avg", "exp_avg_sq")},
+        }
     if world()[0] == 0:
         torch.save(full, directory / "adamw_full_state.pt")
 
@@ -185,8 +196,11 @@ def _load_adamw_full_state(engine, directory: Path, step: int) -> None:
         raise SystemExit("resuming the AdamW baseline at another world size needs ZeRO-1 or 2")
     base = engine.basic_optimizer
     for flat in zero.single_partition_of_fp32_groups:  # torch's AdamW creates its state lazily
-        base.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
-                            "exp_avg_sq": torch.zeros_like(flat)}
+        base.state[flat] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": torch.zeros_like(flat),
+            "exp_avg_sq": torch.zeros_like(flat),
+        }
     zero._hp_optimizer_states_linked = False
     zero._lazy_init_hp_params_optimizer_state()  # DeepSpeed's fragment views onto the new state
     for name, p in engine.module.named_parameters():
@@ -228,8 +242,11 @@ def load_checkpoint(path: Path, model, opt) -> dict:
 def train_one(name: str, args, device) -> RunResult:
     if args.engine == "deepspeed":
         torch.manual_seed(args.seed)
-        model = deepspeed_engine(name, GPT(GPTConfig(n_layer=args.layers, n_embd=args.width, n_head=args.heads,
-                                                     block_size=args.context)), args)
+        model = deepspeed_engine(
+            name,
+            GPT(GPTConfig(n_layer=args.layers, n_embd=args.width, n_head=args.heads, block_size=args.context)),
+            args,
+        )
         opt, step_opt = None, model.optimizer  # the engine steps; the lr is set on its param groups
     else:
         model = build_model(args, device)
@@ -265,12 +282,17 @@ def train_one(name: str, args, device) -> RunResult:
         losses.append(mean_across_ranks(loss.item()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if args.save and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < stop:
-            save_checkpoint(Path(args.save) / name, model, opt,
-                            {"step": step + 1, "losses": losses, "history": history, "args": vars(args)})
+            save_checkpoint(
+                Path(args.save) / name,
+                model,
+                opt,
+                {"step": step + 1, "losses": losses, "history": history, "args": vars(args)},
+            )
     seconds = time.perf_counter() - start
     if args.save:
-        save_checkpoint(Path(args.save) / name, model, opt,
-                        {"step": stop, "losses": losses, "history": history, "args": vars(args)})
+        save_checkpoint(
+            Path(args.save) / name, model, opt, {"step": stop, "losses": losses, "history": history, "args": vars(args)}
+        )
     n = sum(p.numel() for p in model.parameters())
     tokens = max(1, stop - start_step) * args.batch_size * args.context
     local_bytes = optimizer_state_bytes(opt if opt is not None else model.basic_optimizer)
@@ -279,34 +301,61 @@ def train_one(name: str, args, device) -> RunResult:
         how = f"DeepSpeed ZeRO-{model.zero_optimization_stage()}"
     else:
         how = "FSDP2" if dist.is_initialized() else "one process"
-    result = RunResult(name, losses, evaluate(model, val, args, device), local_bytes, total_bytes, n, seconds,
-                       tokens / max(seconds, 1e-9), how)
+    result = RunResult(
+        name,
+        losses,
+        evaluate(model, val, args, device),
+        local_bytes,
+        total_bytes,
+        n,
+        seconds,
+        tokens / max(seconds, 1e-9),
+        how,
+    )
     if opt is None:
         model.destroy()  # DeepSpeed's autograd hooks would keep the engine, and its groups, alive
     if args.out and world()[0] == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"losses_{name}.json").write_text(json.dumps(
-            {**asdict(result), "history": history, "steps": args.steps, "engine": args.engine}))
+        (Path(args.out) / f"losses_{name}.json").write_text(
+            json.dumps({**asdict(result), "history": history, "steps": args.steps, "engine": args.engine})
+        )
     return result
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None,
-                    help="JSON file of defaults (keys are these options, with _ for -), e.g. configs/main_job.json")
+    ap.add_argument(
+        "--config",
+        default=None,
+        help="JSON file of defaults (keys are these options, with _ for -), e.g. configs/main_job.json",
+    )
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=12, help="global batch, split across ranks (12: 1, 2, 3, 4 or 6 ranks)")
+    ap.add_argument(
+        "--batch-size", type=int, default=12, help="global batch, split across ranks (12: 1, 2, 3, 4 or 6 ranks)"
+    )
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--engine", choices=["fsdp", "deepspeed"], default="fsdp",
-                    help="FSDP2 fully_shard (default) or DeepSpeed ZeRO (--deepspeed-config)")
-    ap.add_argument("--deepspeed-config", "--deepspeed_config", default="configs/ds_zero2.json",
-                    help="DeepSpeed JSON for --engine deepspeed; batch, lr, clipping and scheduler come from this job")
+    ap.add_argument(
+        "--engine",
+        choices=["fsdp", "deepspeed"],
+        default="fsdp",
+        help="FSDP2 fully_shard (default) or DeepSpeed ZeRO (--deepspeed-config)",
+    )
+    ap.add_argument(
+        "--deepspeed-config",
+        "--deepspeed_config",
+        default="configs/ds_zero2.json",
+        help="DeepSpeed JSON for --engine deepspeed; batch, lr, clipping and scheduler come from this job",
+    )
     ap.add_argument("--optimizers", nargs="+", default=["microadam", "adamw"], choices=["microadam", "adamw"])
-    ap.add_argument("--lr-microadam", type=float, default=2e-3,
-                    help="tuned on a 3-point grid for this model: benchmarks/results/convergence.md")
+    ap.add_argument(
+        "--lr-microadam",
+        type=float,
+        default=2e-3,
+        help="tuned on a 3-point grid for this model: benchmarks/results/convergence.md",
+    )
     ap.add_argument("--lr-adamw", type=float, default=1e-3, help="tuned likewise")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--warmup", type=int, default=20)
@@ -315,11 +364,16 @@ def parse_args(argv=None):
     ap.add_argument("--save", default=None, help="directory for DCP checkpoints (one per optimizer)")
     ap.add_argument("--resume", default=None, help="checkpoint directory written by --save")
     ap.add_argument("--save-every", type=int, default=0, help="also save every N steps (to --save)")
-    ap.add_argument("--auto-resume", action="store_true",
-                    help="resume from --save when it holds a complete checkpoint (for restarted jobs)")
+    ap.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume from --save when it holds a complete checkpoint (for restarted jobs)",
+    )
     ap.add_argument("--out", default=None, help="directory for the loss histories (JSON)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's launcher
+    ap.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # deepspeed's launcher
     args = ap.parse_args(argv)
     if args.config:
         defaults = json.loads(Path(args.config).read_text())
@@ -338,8 +392,13 @@ def main(argv=None) -> list[RunResult]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if distributed and not dist.is_initialized():
         if args.engine == "deepspeed" and "RANK" not in os.environ:  # one process without a launcher
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+            os.environ.update(
+                RANK="0",
+                WORLD_SIZE="1",
+                LOCAL_RANK="0",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
+            )
         init_process_group()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -368,11 +427,15 @@ def report(results: list[RunResult], args, size: int) -> None:
     for s in range(every - 1, done, every):
         window = slice(max(0, s - every + 1), s + 1)
         print(f"{s + 1:>6} " + " ".join(f"{sum(r.losses[window]) / len(r.losses[window]):>10.4f}" for r in results))
-    print(f"\n{'optimizer':<10} {'val loss':>9} {'state bytes':>12} {'rank 0':>12} {'bytes/param':>12} "
-          f"{'tokens/s':>9} {'seconds':>8}   (world size {size}, {results[0].engine})")
+    print(
+        f"\n{'optimizer':<10} {'val loss':>9} {'state bytes':>12} {'rank 0':>12} {'bytes/param':>12} "
+        f"{'tokens/s':>9} {'seconds':>8}   (world size {size}, {results[0].engine})"
+    )
     for r in results:
-        print(f"{r.name:<10} {r.val_loss:>9.4f} {r.state_bytes_total:>12,} {r.state_bytes:>12,} "
-              f"{r.state_bytes_total / r.num_params:>12.3f} {r.tokens_per_second:>9.0f} {r.seconds:>8.1f}")
+        print(
+            f"{r.name:<10} {r.val_loss:>9.4f} {r.state_bytes_total:>12,} {r.state_bytes:>12,} "
+            f"{r.state_bytes_total / r.num_params:>12.3f} {r.tokens_per_second:>9.0f} {r.seconds:>8.1f}"
+        )
 
 
 if __name__ == "__main__":

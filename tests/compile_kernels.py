@@ -25,11 +25,18 @@ def compile_variant(fn, arch, pointer_types, constexprs, scalar_types=None):
         else:
             signature[name] = {**pointer_types, **(scalar_types or {})}.get(name, "i32")
     consts = {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                            options=dict(tp.LAUNCH_OPTIONS))
+    kernel = triton.compile(
+        ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32), options=dict(tp.LAUNCH_OPTIONS)
+    )
     ptx = kernel.asm["ptx"]
-    return {"kernel": fn.__name__, "arch": arch, **{k: v for k, v in constexprs.items() if k != "HALF"},
-            "cubin_bytes": len(kernel.asm["cubin"]), "fma": ptx.count("fma."), "div_rn": ptx.count("div.rn.f32")}
+    return {
+        "kernel": fn.__name__,
+        "arch": arch,
+        **{k: v for k, v in constexprs.items() if k != "HALF"},
+        "cubin_bytes": len(kernel.asm["cubin"]),
+        "fma": ptx.count("fma."),
+        "div_rn": ptx.count("div.rn.f32"),
+    }
 
 
 def main():
@@ -37,24 +44,63 @@ def main():
     for arch, blocks in ((90, (64, 4096)), (80, (4096,))):
         for bf16 in (False, True):
             data = "*i16" if bf16 else "*fp32"  # bf16 tensors travel as int16 bits
-            compress_ptrs = {"grad_ptr": data, "codes_ptr": "*u8", "stats_ptr": "*fp32", "idx_ptr": "*i16",
-                             "val_ptr": "*i16"}
+            compress_ptrs = {
+                "grad_ptr": data,
+                "codes_ptr": "*u8",
+                "stats_ptr": "*fp32",
+                "idx_ptr": "*i16",
+                "val_ptr": "*i16",
+            }
             for block in blocks:
                 bucket = 16 if block == 64 else 2048  # the tests' and the default geometry
-                print(json.dumps(compile_variant(
-                    tp._compress, arch, compress_ptrs,
-                    {"NB": block // bucket, "BS": bucket, "QB": bucket, "GRAD_BF16": bf16,
-                     "TOPK_FAST": True, "G": min(128, block), "CAND": 64 if block > 64 else 8,
-                     "RADIX_FALLBACK": True})), flush=True)
+                print(
+                    json.dumps(
+                        compile_variant(
+                            tp._compress,
+                            arch,
+                            compress_ptrs,
+                            {
+                                "NB": block // bucket,
+                                "BS": bucket,
+                                "QB": bucket,
+                                "GRAD_BF16": bf16,
+                                "TOPK_FAST": True,
+                                "G": min(128, block),
+                                "CAND": 64 if block > 64 else 8,
+                                "RADIX_FALLBACK": True,
+                            },
+                        )
+                    ),
+                    flush=True,
+                )
                 for decay in (False, True):
-                    print(json.dumps(compile_variant(
-                        tp._update, arch,
-                        {"param_ptr": data, "idx_ptr": "*i16", "val_ptr": "*i16", "w1_ptr": "*fp32", "w2_ptr": "*fp32"},
-                        {"ENTRIES": 512, "PARAM_BF16": bf16, "DECAY": decay, "BLOCK": block},
-                        floats)), flush=True)
+                    print(
+                        json.dumps(
+                            compile_variant(
+                                tp._update,
+                                arch,
+                                {
+                                    "param_ptr": data,
+                                    "idx_ptr": "*i16",
+                                    "val_ptr": "*i16",
+                                    "w1_ptr": "*fp32",
+                                    "w2_ptr": "*fp32",
+                                },
+                                {"ENTRIES": 512, "PARAM_BF16": bf16, "DECAY": decay, "BLOCK": block},
+                                floats,
+                            )
+                        ),
+                        flush=True,
+                    )
             # an odd bucket size takes the one-row kernel
-            print(json.dumps(compile_variant(tp._compress_odd_buckets, arch, compress_ptrs,
-                                             {"BLOCK": 128, "HALF": 64, "GRAD_BF16": bf16})), flush=True)
+            print(
+                json.dumps(
+                    compile_variant(
+                        tp._compress_odd_buckets, arch, compress_ptrs, {"BLOCK": 128, "HALF": 64, "GRAD_BF16": bf16}
+                    )
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,16 @@ CONFIGS = ROOT / "configs"
 # Shapes chosen so that flat ZeRO partitions at 2 and 3 ranks cut blocks (straddles), ZeRO-3 pads
 # the last rank's slice, and some partitions hold the tail of one parameter and the head of another.
 P1_SHAPES = [(9, 150), (700,), (4, 3, 30), (5,), (2, 64), (39,)]
-P1_HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, window_size=3, density=0.05,
-                block_size=64, quant_bucket_size=16)
+P1_HYPER = dict(
+    lr=1e-2,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.1,
+    window_size=3,
+    density=0.05,
+    block_size=64,
+    quant_bucket_size=16,
+)
 P1_STEPS = 5
 
 
@@ -175,7 +183,8 @@ def train_batches(world: int):
 
 
 def make_gpt():
-    from microadam_dist.models import GPT as Model, GPTConfig
+    from microadam_dist.models import GPT as Model
+    from microadam_dist.models import GPTConfig
 
     torch.manual_seed(0)
     return Model(GPTConfig(**GPT))
@@ -224,7 +233,7 @@ def _train_steps(engine, rank, batches, accumulation=1):
     """Rank r's share of each full batch, in ``accumulation`` micro-batches; per-step losses."""
     losses = []
     for x, y in batches:
-        xs, ys = x[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
+        xs, ys = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
         total = 0.0
         for xm, ym in zip(xs.chunk(accumulation), ys.chunk(accumulation)):
             loss = engine(xm, ym)
@@ -274,8 +283,13 @@ def ckpt_worker(rank, world, cases, out_dir):
         engine2 = _engine(make_gpt(), cfg, "json")
         engine2.load_checkpoint(f"{out_dir}/{label}", tag="t")
         resumed = _train_steps(engine2, rank, batches[CKPT_STEPS:])
-        results[label] = {"first": first, "cont": cont, "resumed": resumed, "params_cont": params_cont,
-                          "params_resumed": full_fp32_params(engine2)}
+        results[label] = {
+            "first": first,
+            "cont": cont,
+            "resumed": resumed,
+            "params_cont": params_cont,
+            "params_resumed": full_fp32_params(engine2),
+        }
     torch.save(results, f"{out_dir}/ckpt_rank{rank}.pt")
 
 
@@ -299,8 +313,11 @@ def load_elsewhere_worker(rank, world, cases, out_dir):
         files = sorted(Path(out_dir, label, "t").glob(f"*zero_pp_rank_{rank}_*optim_states.pt"))
         if files:
             saved = torch.load(files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
-            results[label, "direct"] = _error(lambda: engine.optimizer.load_state_dict(
-                [saved], load_optimizer_states=True, load_from_fp32_weights=True))
+            results[label, "direct"] = _error(
+                lambda: engine.optimizer.load_state_dict(
+                    [saved], load_optimizer_states=True, load_from_fp32_weights=True
+                )
+            )
     torch.save(results, f"{out_dir}/elsewhere_rank{rank}.pt")
 
 
@@ -334,5 +351,13 @@ def disagreeing_layout_worker(rank, world, out_dir):
     engine2 = _engine(make_gpt(), cfg, "json")
     dz.load_checkpoint(engine2, f"{out_dir}/ckpt")
     resumed = _train_steps(engine2, rank, batches[CKPT_STEPS:])
-    torch.save({"load": engine2.microadam_last_load, "cont": cont, "resumed": resumed, "params_cont": params_cont,
-                "params_resumed": full_fp32_params(engine2)}, f"{out_dir}/disagree_rank{rank}.pt")
+    torch.save(
+        {
+            "load": engine2.microadam_last_load,
+            "cont": cont,
+            "resumed": resumed,
+            "params_cont": params_cont,
+            "params_resumed": full_fp32_params(engine2),
+        },
+        f"{out_dir}/disagree_rank{rank}.pt",
+    )

@@ -31,8 +31,18 @@ def tiny_gpt2():
             return out
 
     torch.manual_seed(0)
-    model = Recording(GPT2Config(vocab_size=64, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
-                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = Recording(
+        GPT2Config(
+            vocab_size=64,
+            n_positions=SEQ,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     model.losses = []
     return model
 
@@ -55,10 +65,25 @@ def _trainer(out_dir: str, world: int, engine: str, **extra):
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
-    args = dict(output_dir=out_dir, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world,
-                learning_rate=HYPER["lr"], weight_decay=HYPER["weight_decay"], lr_scheduler_type="linear",
-                warmup_steps=2, save_strategy="steps", save_steps=SAVE_AT, logging_steps=1, report_to=[],
-                disable_tqdm=True, dataloader_num_workers=0, seed=0, remove_unused_columns=False, use_cpu=True, **extra)
+    args = dict(
+        output_dir=out_dir,
+        max_steps=STEPS,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        learning_rate=HYPER["lr"],
+        weight_decay=HYPER["weight_decay"],
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+        save_strategy="steps",
+        save_steps=SAVE_AT,
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        remove_unused_columns=False,
+        use_cpu=True,
+        **extra,
+    )
     kwargs = {}
     if engine == "deepspeed":
         cfg = json.loads((ROOT / "configs" / "hf_ds_zero2.json").read_text())  # as shipped
@@ -84,8 +109,13 @@ def trainer_run(rank, world, engine, out_dir, resumes):
         trainer, model = _trainer(f"{out_dir}/{i}/run", world, engine)
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(f"{out_dir}/{i}/final")
-        results.append({"losses": model.losses, "step": trainer.state.global_step,
-                        "load": getattr(trainer.model_wrapped, "microadam_last_load", None)})
+        results.append(
+            {
+                "losses": model.losses,
+                "step": trainer.state.global_step,
+                "load": getattr(trainer.model_wrapped, "microadam_last_load", None),
+            }
+        )
     torch.save(results, f"{out_dir}/losses_rank{rank}.pt")
 
 
@@ -93,9 +123,9 @@ def torch_full_state_dict(rank, world, out_dir):
     """FSDP2 with torch's full state dicts (what accelerate's FULL_STATE_DICT calls): get_state_dict with
     and without cpu_offload, set_state_dict into a fresh run; its next steps equal the run that never
     saved. (Fails on int16 window indices: gloo and NCCL have no int16 collectives.)"""
+    import test_fsdp as T
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-    import test_fsdp as T
     from microadam_dist import MicroAdam
 
     model, mesh = T.sharded_model(world)
@@ -103,16 +133,23 @@ def torch_full_state_dict(rank, world, out_dir):
     for t in range(3):
         T.inject(model, mesh, t)
         opt.step()
-    full = {off: get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=off))
-            for off in (False, True)}
+    full = {
+        off: get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=off))
+        for off in (False, True)
+    }
     if rank == 0:  # with cpu_offload only rank 0 holds it
         torch.save(full[True][1], f"{out_dir}/full_optim.pt")
         for name, st in full[False][1]["state"].items():
             assert all(torch.equal(v.cpu(), full[True][1]["state"][name][k]) for k, v in st.items()), name
     model2, mesh2 = T.sharded_model(world)
     opt2 = MicroAdam(model2.parameters(), **T.HP)
-    set_state_dict(model2, opt2, model_state_dict=full[False][0], optim_state_dict=full[False][1],
-                   options=StateDictOptions(full_state_dict=True))
+    set_state_dict(
+        model2,
+        opt2,
+        model_state_dict=full[False][0],
+        optim_state_dict=full[False][1],
+        options=StateDictOptions(full_state_dict=True),
+    )
     for t in range(3, 5):
         T.inject(model, mesh, t)
         opt.step()

@@ -86,7 +86,7 @@ class NaiveMicroAdam:
     def _quantize(self, bi, a):
         """4-bit codes and (lo, hi) of block bi's values a (fp32), per bucket."""
         for q0 in range(0, len(a), self.bucket):
-            vals = a[q0:q0 + self.bucket]
+            vals = a[q0 : q0 + self.bucket]
             lo, hi = min(vals), max(vals)
             u = f32(f32(hi - lo) / f32(15))
             for j, x in enumerate(vals):

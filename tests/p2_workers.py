@@ -11,10 +11,9 @@ import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+import ds_workers as W
 import torch
 import torch.distributed as dist
-
-import ds_workers as W
 
 SAVE_AT = 5
 TOTAL = 10
@@ -56,8 +55,10 @@ def _ds_result(engine) -> dict:
     from microadam_dist.deepspeed_zero import gather_canonical_state
 
     names = [n for n, _ in engine.module.named_parameters()]
-    return {"params": dict(zip(names, W.full_fp32_params(engine))),
-            "state": gather_canonical_state(engine.basic_optimizer, by_name=True)}
+    return {
+        "params": dict(zip(names, W.full_fp32_params(engine))),
+        "state": gather_canonical_state(engine.basic_optimizer, by_name=True),
+    }
 
 
 def ds_source(rank, world, stage, out):
@@ -115,6 +116,7 @@ def fsdp_source(rank, world, out):
     model, opt, mesh = _fsdp_model(world)
     _fsdp_train(model, opt, mesh, 0, SAVE_AT)
     from pathlib import Path
+
     save_checkpoint(Path(out), model, opt, {"step": SAVE_AT, "losses": [], "history": []})
 
 

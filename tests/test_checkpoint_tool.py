@@ -21,6 +21,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import p2_workers as P  # noqa: E402
 from dist_utils import run_workers  # noqa: E402
+
 from microadam_dist import MicroAdam, checkpoint  # noqa: E402
 from microadam_dist.checkpoint import CheckpointError  # noqa: E402
 from microadam_dist.state import FIELDS  # noqa: E402
@@ -30,8 +31,9 @@ from bench_checkpoint import make_synthetic, run_measured  # noqa: E402
 
 
 def cli(*args, expect: int = 0) -> subprocess.CompletedProcess:
-    run = subprocess.run([sys.executable, "-m", "microadam_dist.cli", *map(str, args)], capture_output=True,
-                         text=True, timeout=240)
+    run = subprocess.run(
+        [sys.executable, "-m", "microadam_dist.cli", *map(str, args)], capture_output=True, text=True, timeout=240
+    )
     assert run.returncode == expect, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
     return run
 
@@ -120,10 +122,10 @@ def test_output_is_atomic_and_never_replaced_silently(good, tmp_path):
     state_file = next(good.glob("state-*.safetensors"))
     data = state_file.read_bytes()
     header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + header_len])
+    header = json.loads(data[8 : 8 + header_len])
     begin, end = header["ps.3/window_idx"]["data_offsets"]
     start = 8 + header_len + begin
-    state_file.write_bytes(data[:start] + b"\x7f\x7f" * ((end - begin) // 2) + data[start + end - begin:])
+    state_file.write_bytes(data[:start] + b"\x7f\x7f" * ((end - begin) // 2) + data[start + end - begin :])
     run = cli("convert", good, out, "--to", "single", "--quiet", "--overwrite", expect=3)
     assert "outside their blocks" in run.stderr
     assert sorted(p.name for p in out.iterdir()) == before and leftovers(tmp_path) == []
@@ -187,16 +189,50 @@ def test_checkpoints_of_other_optimizers_and_missing_ranks(tmp_path):
     # an AdamW DCP checkpoint of the main job
     from microadam_dist import train
 
-    train.main(["--steps", "1", "--optimizers", "adamw", "--save", str(tmp_path / "dcp"), "--quiet",
-                "--layers", "1", "--width", "32", "--heads", "2", "--context", "16"])
+    train.main(
+        [
+            "--steps",
+            "1",
+            "--optimizers",
+            "adamw",
+            "--save",
+            str(tmp_path / "dcp"),
+            "--quiet",
+            "--layers",
+            "1",
+            "--width",
+            "32",
+            "--heads",
+            "2",
+            "--context",
+            "16",
+        ]
+    )
     assert "another optimizer" in cli("inspect", tmp_path / "dcp" / "adamw", expect=3).stderr
 
 
 def test_damaged_dcp(tmp_path):
     from microadam_dist import train
 
-    train.main(["--steps", "1", "--optimizers", "microadam", "--save", str(tmp_path / "dcp"), "--quiet",
-                "--layers", "1", "--width", "32", "--heads", "2", "--context", "16"])
+    train.main(
+        [
+            "--steps",
+            "1",
+            "--optimizers",
+            "microadam",
+            "--save",
+            str(tmp_path / "dcp"),
+            "--quiet",
+            "--layers",
+            "1",
+            "--width",
+            "32",
+            "--heads",
+            "2",
+            "--context",
+            "16",
+        ]
+    )
     ckpt = tmp_path / "dcp" / "microadam"
     assert "integrity: ok" in cli("inspect", ckpt, "--verify").stdout
     data_file = next(ckpt.glob("*.distcp"))
@@ -215,9 +251,11 @@ def test_conversion_memory_stays_well_below_the_checkpoint(tmp_path):
     size = sum(f.stat().st_size for f in src.iterdir())
     assert size > 280e6
     _, baseline, _ = run_measured(["--help"])
-    for args in (["convert", src, tmp_path / "dcp", "--to", "dcp", "--quiet"],
-                 ["convert", tmp_path / "dcp", tmp_path / "back", "--to", "single", "--quiet", "--shard-size", "64MiB"],
-                 ["inspect", tmp_path / "back", "--verify"]):
+    for args in (
+        ["convert", src, tmp_path / "dcp", "--to", "dcp", "--quiet"],
+        ["convert", tmp_path / "dcp", tmp_path / "back", "--to", "single", "--quiet", "--shard-size", "64MiB"],
+        ["inspect", tmp_path / "back", "--verify"],
+    ):
         _, peak, _ = run_measured([str(a) for a in args])
         assert peak - baseline < size / 4, (args[0], peak - baseline, size)
     a, b = checkpoint.open_checkpoint(src), checkpoint.open_checkpoint(tmp_path / "back")
@@ -237,8 +275,22 @@ def test_killed_conversion_leaves_the_previous_output_and_a_detectable_partial(t
     out = tmp_path / "out"
     cli("convert", src, out, "--to", "single", "--quiet")
     before = {p.name: p.stat().st_size for p in out.iterdir()}
-    proc = subprocess.Popen([sys.executable, "-m", "microadam_dist.cli", "convert", src, out, "--to", "single",
-                             "--quiet", "--overwrite", "--shard-size", "16MiB"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "microadam_dist.cli",
+            "convert",
+            src,
+            out,
+            "--to",
+            "single",
+            "--quiet",
+            "--overwrite",
+            "--shard-size",
+            "16MiB",
+        ]
+    )
     partial = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -315,8 +367,12 @@ def test_overwrite_never_leaves_a_moment_without_a_complete_checkpoint(tmp_path,
             shutil.rmtree(leftover)
         shutil.rmtree(tmp_path / "out.old", ignore_errors=True)
         shutil.copytree(pristine, out)
-        run = subprocess.run([sys.executable, "-c", _KILL_AT_NTH_SWAP_STEP, str(new), str(out), str(n),
-                              "1" if exchange else "0"], capture_output=True, text=True, timeout=240)
+        run = subprocess.run(
+            [sys.executable, "-c", _KILL_AT_NTH_SWAP_STEP, str(new), str(out), str(n), "1" if exchange else "0"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "reading the previous checkpoint" after a kill mid-swap
             got = checkpoint.open_checkpoint(out)

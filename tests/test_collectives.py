@@ -24,8 +24,21 @@ from microadam_dist import geometry_for
 from microadam_dist.distributed import destroy_process_group, free_port
 from microadam_dist.sharded import Segment, ShardedStepper
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
-               "reduce", "gather", "scatter", "all_to_all_single", "send", "recv", "isend", "irecv")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "reduce",
+    "gather",
+    "scatter",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+)
 GEO = (64, 16, 0.05)  # block, bucket, density
 GROUP = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, window_size=3, alpha=0.0)
 
@@ -48,8 +61,10 @@ def _check_devices(calls: list) -> None:
             accepted = _accepted(group)
             for t in tensors:
                 calls.append((_name, t.device.type))
-                assert t.device.type in accepted, (f"{_name} on a {t.device.type} tensor, but the group's backend "
-                                                   f"({dist.get_backend_config(group)}) takes only {accepted}")
+                assert t.device.type in accepted, (
+                    f"{_name} on a {t.device.type} tensor, but the group's backend "
+                    f"({dist.get_backend_config(group)}) takes only {accepted}"
+                )
             return _original(*args, **kwargs)
 
         setattr(dist, name, checked)
@@ -60,8 +75,9 @@ def _spawn(fn, world: int, *args) -> None:
 
 
 def _entry(rank, world, port, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     # a short timeout: ranks that disagree about a collective fail in seconds instead of hanging
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
     fn(rank, world, *args)
@@ -76,8 +92,16 @@ def _segments(rank: int, world: int, step: int) -> list[Segment]:
     full_grad = torch.randn(700, generator=gen)
     part = -(-700 // world)
     s, e = rank * part, min(700, (rank + 1) * part)
-    return [Segment(key="p", geometry=geometry_for((700,), *GEO), start=s, param=full_param[s:e].clone(),
-                    grad=full_grad[s:e].clone(), group=dict(GROUP))]
+    return [
+        Segment(
+            key="p",
+            geometry=geometry_for((700,), *GEO),
+            start=s,
+            param=full_param[s:e].clone(),
+            grad=full_grad[s:e].clone(),
+            group=dict(GROUP),
+        )
+    ]
 
 
 # ---- 1. device contract -----------------------------------------------------------------------

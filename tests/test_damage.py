@@ -36,6 +36,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import p2_workers as P  # noqa: E402
 from dist_utils import run_workers  # noqa: E402
+
 from microadam_dist import MicroAdam, checkpoint, cli  # noqa: E402
 
 EXIT_BAD = cli.EXIT_BAD_CHECKPOINT
@@ -44,8 +45,13 @@ assert EXIT_BAD == 3  # documented in the CLI's help and the README
 
 def profile(examples: int):
     # derandomized: the same examples every run (a failure reproduces), no database
-    return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
 
 
 def _ds_save(rank, world, sealed, unsealed):
@@ -76,8 +82,11 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     out["deepspeed"], out["deepspeed-unsealed"] = root / "ds", root / "ds-unsealed"
     for kind, path in out.items():  # every source is good to begin with
         code, text = run_cli(path)
-        assert code == 0 and ("integrity: ok" if "unsealed" not in kind else "integrity: unverified") in text, \
-            (kind, code, text)
+        assert code == 0 and ("integrity: ok" if "unsealed" not in kind else "integrity: unverified") in text, (
+            kind,
+            code,
+            text,
+        )
     return out
 
 
@@ -94,14 +103,16 @@ def run_cli(path: Path, *extra: str) -> tuple[int, str]:
 
 
 # ---- damage -------------------------------------------------------------------------------------
-DAMAGE = st.fixed_dictionaries({
-    "file": st.integers(0, 10**6),  # index into the checkpoint's files (mod their number)
-    "kind": st.sampled_from(["flip", "flip", "flip", "truncate", "delete", "empty", "append"]),
-    "where": st.sampled_from(["anywhere", "head", "tail"]),
-    "at": st.integers(0, 10**9),
-    "mask": st.integers(1, 255),  # xor with a non-zero mask: the byte always changes
-    "tail": st.binary(min_size=1, max_size=64),
-})
+DAMAGE = st.fixed_dictionaries(
+    {
+        "file": st.integers(0, 10**6),  # index into the checkpoint's files (mod their number)
+        "kind": st.sampled_from(["flip", "flip", "flip", "truncate", "delete", "empty", "append"]),
+        "where": st.sampled_from(["anywhere", "head", "tail"]),
+        "at": st.integers(0, 10**9),
+        "mask": st.integers(1, 255),  # xor with a non-zero mask: the byte always changes
+        "tail": st.binary(min_size=1, max_size=64),
+    }
+)
 
 
 def files_of(path: Path, only_read: bool = False) -> list[Path]:
@@ -122,7 +133,7 @@ def damage(path: Path, d: dict, only_read: bool = False) -> str:
         span = {"anywhere": len(data), "head": min(len(data), 512), "tail": min(len(data), 512)}[d["where"]]
         i = d["at"] % span
         i = len(data) - 1 - i if d["where"] == "tail" else i
-        f.write_bytes(data[:i] + bytes([data[i] ^ d["mask"]]) + data[i + 1:])
+        f.write_bytes(data[:i] + bytes([data[i] ^ d["mask"]]) + data[i + 1 :])
         return f"{f.name}: byte {i} ^= {d['mask']:#04x}"
     if kind == "truncate":
         n = d["at"] % len(data)  # strictly shorter
@@ -191,8 +202,12 @@ def test_damage_to_an_unsealed_checkpoint_never_passes_as_verified(sources, tmp_
 # the issue's reported cases, kept as named examples
 def test_reported_manifest_damage(sources, tmp_path):
     path = tmp_path / "c"
-    for old, new in [(b'"betas"', b'"beTas"'), (b'"files"', b'"file{"'), (b'"shape"', b'"sh`pe"'),
-                     (b'"dtype"', b'"dtyPe"')]:
+    for old, new in [
+        (b'"betas"', b'"beTas"'),
+        (b'"files"', b'"file{"'),
+        (b'"shape"', b'"sh`pe"'),
+        (b'"dtype"', b'"dtyPe"'),
+    ]:
         if path.exists():
             shutil.rmtree(path)
         shutil.copytree(sources["canonical"], path)
@@ -232,13 +247,18 @@ def test_version_1_manifest_is_read_and_reported_unverified(sources, tmp_path):
 
 def test_exit_code_of_a_real_process(sources, tmp_path):
     """The same exit code from the installed entry point's process as from cli.main in-process."""
-    for kind, d in [("canonical", {"file": 0, "kind": "flip", "where": "head", "at": 40, "mask": 1, "tail": b"x"}),
-                    ("dcp", {"file": 0, "kind": "truncate", "where": "anywhere", "at": 7, "mask": 1, "tail": b"x"}),
-                    ("deepspeed", {"file": 1, "kind": "flip", "where": "anywhere", "at": 999, "mask": 4,
-                                   "tail": b"x"})]:
+    for kind, d in [
+        ("canonical", {"file": 0, "kind": "flip", "where": "head", "at": 40, "mask": 1, "tail": b"x"}),
+        ("dcp", {"file": 0, "kind": "truncate", "where": "anywhere", "at": 7, "mask": 1, "tail": b"x"}),
+        ("deepspeed", {"file": 1, "kind": "flip", "where": "anywhere", "at": 999, "mask": 4, "tail": b"x"}),
+    ]:
         path, what = damaged_copy(sources[kind], tmp_path, d)
-        run = subprocess.run([sys.executable, "-m", "microadam_dist.cli", "inspect", str(path), "--verify"],
-                             capture_output=True, text=True, timeout=240)
+        run = subprocess.run(
+            [sys.executable, "-m", "microadam_dist.cli", "inspect", str(path), "--verify"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert_named_error(run.returncode, run.stdout + run.stderr, path, f"{kind}, {what}")
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import free_port, run_workers
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by the spawned workers
@@ -150,8 +149,12 @@ def test_checkpoint_resumes_bitwise_and_loads_at_another_world_size(tmp_path):
 def test_registration_and_use_without_deepspeed():
     """torch.optim.MicroAdam is what the JSON config builds; outside DeepSpeed it is plain MicroAdam."""
     from microadam_dist import MicroAdam
-    from microadam_dist.deepspeed_zero import (DeepSpeedMicroAdam, MicroAdamCheckpointError, ZeroEngine,
-                                               register_with_torch_optim)
+    from microadam_dist.deepspeed_zero import (
+        DeepSpeedMicroAdam,
+        MicroAdamCheckpointError,
+        ZeroEngine,
+        register_with_torch_optim,
+    )
 
     register_with_torch_optim()
     register_with_torch_optim()
@@ -178,8 +181,9 @@ def test_registration_and_use_without_deepspeed():
         opt1.load_state_dict({**sd0, "microadam_zero_layout": {"partitions": {}}})
 
 
-@pytest.mark.parametrize("name, stage", [("ds_zero1.json", 1), ("ds_zero2.json", 2), ("ds_zero3.json", 3),
-                                         ("ds_zero2_offload.json", 2)])
+@pytest.mark.parametrize(
+    "name, stage", [("ds_zero1.json", 1), ("ds_zero2.json", 2), ("ds_zero3.json", 3), ("ds_zero2_offload.json", 2)]
+)
 def test_shipped_configs(name, stage):
     from microadam_dist.deepspeed_zero import DeepSpeedMicroAdam
 
@@ -196,11 +200,35 @@ def test_shipped_configs(name, stage):
 @pytest.mark.timeout(240)
 def test_deepspeed_launcher_with_hostfile():
     """launch/deepspeed_hostfile.sh with the sample hostfile (localhost, 2 slots): 2 processes."""
-    env = {**os.environ, "MASTER_PORT": str(free_port()), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "DS_ACCELERATOR": "cpu", "CONFIG": "configs/ds_zero3.json"}
-    out = subprocess.run(["bash", str(ROOT / "launch/deepspeed_hostfile.sh"), "--steps", "2", "--width", "32",
-                          "--context", "16", "--layers", "1", "--quiet", "--optimizers", "microadam"],
-                         env=env, capture_output=True, text=True, timeout=220)
+    env = {
+        **os.environ,
+        "MASTER_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "CONFIG": "configs/ds_zero3.json",
+    }
+    out = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "launch/deepspeed_hostfile.sh"),
+            "--steps",
+            "2",
+            "--width",
+            "32",
+            "--context",
+            "16",
+            "--layers",
+            "1",
+            "--quiet",
+            "--optimizers",
+            "microadam",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=220,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "(world size 2, DeepSpeed ZeRO-3)" in out.stdout, out.stdout[-3000:]
 

@@ -21,9 +21,15 @@ from microadam_dist.distributed import destroy_process_group, free_port, init_pr
 
 
 def _worker(rank: int, world_size: int, port: int, restart: int, late: float) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), TORCHELASTIC_RESTART_COUNT=str(restart),
-                      TORCHELASTIC_USE_AGENT_STORE="True")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        TORCHELASTIC_RESTART_COUNT=str(restart),
+        TORCHELASTIC_USE_AGENT_STORE="True",
+    )
     if rank == 0:
         time.sleep(late)
     init_process_group("gloo", timeout=timedelta(seconds=20))  # a regression fails, not hangs

@@ -21,8 +21,21 @@ import pytest
 
 from microadam_dist.distributed import torchrun_command
 
-TINY = ["--width", "48", "--context", "32", "--layers", "2", "--heads", "2", "--quiet", "--optimizers", "microadam",
-        "--batch-size", "12"]
+TINY = [
+    "--width",
+    "48",
+    "--context",
+    "32",
+    "--layers",
+    "2",
+    "--heads",
+    "2",
+    "--quiet",
+    "--optimizers",
+    "microadam",
+    "--batch-size",
+    "12",
+]
 
 
 @pytest.fixture
@@ -32,8 +45,13 @@ def torchrun():
     started: list[subprocess.Popen] = []
 
     def start(nproc: int, args: list[str], restarts: int = 0) -> subprocess.Popen:
-        job = subprocess.Popen(torchrun_command(nproc, args, restarts=restarts), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        job = subprocess.Popen(
+            torchrun_command(nproc, args, restarts=restarts),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         started.append(job)
         return job
 
@@ -54,8 +72,11 @@ def kill_one_worker_after_first_checkpoint(agent: subprocess.Popen, ckpt: Path) 
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and agent.poll() is None:
         if (ckpt / "train_meta.json").exists():
-            workers = [p for p in psutil.Process(agent.pid).children(recursive=True)
-                       if "microadam_dist.train" in " ".join(p.cmdline())]
+            workers = [
+                p
+                for p in psutil.Process(agent.pid).children(recursive=True)
+                if "microadam_dist.train" in " ".join(p.cmdline())
+            ]
             if workers:
                 victim = workers[-1].pid
                 os.kill(victim, signal.SIGKILL)
@@ -78,8 +99,9 @@ def test_killed_rank_restarts_from_the_last_checkpoint_and_at_fewer_ranks(tmp_pa
     #    (the restarted group starts in a store namespace of its own: microadam_dist.distributed;
     #    without it, about one restart in four hung in init_process_group)
     ckpt = tmp_path / "ckpt"
-    job = torchrun(2, [*TINY, *steps, "--save", str(ckpt), "--auto-resume", "--out", str(tmp_path / "restarted")],
-                   restarts=1)
+    job = torchrun(
+        2, [*TINY, *steps, "--save", str(ckpt), "--auto-resume", "--out", str(tmp_path / "restarted")], restarts=1
+    )
     kill_one_worker_after_first_checkpoint(job, ckpt / "microadam")
     out, _ = job.communicate(timeout=300)
     assert job.returncode == 0, out
@@ -110,8 +132,21 @@ def test_killed_save_keeps_the_previous_checkpoint(tmp_path, torchrun):
     the partial one is refused as incomplete by the job and by the tool."""
     from microadam_dist import checkpoint
 
-    big = ["--width", "256", "--context", "64", "--layers", "4", "--heads", "4", "--quiet",
-           "--optimizers", "microadam", "--batch-size", "4"]
+    big = [
+        "--width",
+        "256",
+        "--context",
+        "64",
+        "--layers",
+        "4",
+        "--heads",
+        "4",
+        "--quiet",
+        "--optimizers",
+        "microadam",
+        "--batch-size",
+        "4",
+    ]
     ckpt = tmp_path / "ckpt"
     first = torchrun(1, [*big, "--steps", "2", "--save", str(ckpt)])
     assert first.wait(timeout=200) == 0, first.stdout.read()
@@ -130,8 +165,9 @@ def test_killed_save_keeps_the_previous_checkpoint(tmp_path, torchrun):
     assert complete.kind == "dcp" and complete.step >= 2
     with pytest.raises(checkpoint.CheckpointError, match="incomplete"):
         checkpoint.open_checkpoint(partial)
-    run = subprocess.run([sys.executable, "-m", "microadam_dist.cli", "inspect", str(partial)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "microadam_dist.cli", "inspect", str(partial)], capture_output=True, text=True
+    )
     assert run.returncode == 3 and "incomplete" in run.stderr  # the CLI's code for bad input
     # and the job resumes from the complete one
     again = torchrun(1, [*big, "--steps", str(complete.step + 1), "--save", str(ckpt), "--auto-resume"])

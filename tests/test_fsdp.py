@@ -5,13 +5,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from dist_utils import run_workers
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import distribute_tensor
 
 from microadam_dist import MicroAdam
-from dist_utils import run_workers
 
 HP = dict(lr=1e-2, weight_decay=0.1, window_size=3, density=0.05, block_size=64, quant_bucket_size=16)
 
@@ -49,8 +49,11 @@ def single_process(steps, hp=HP):
 
 
 def sharded_model(world, hsdp=False):
-    mesh = (init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if hsdp
-            else init_device_mesh("cpu", (world,)))
+    mesh = (
+        init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        if hsdp
+        else init_device_mesh("cpu", (world,))
+    )
     model = Net()
     fully_shard(model, mesh=mesh)
     return model, mesh
@@ -241,16 +244,19 @@ def _train_worker(rank, world, mode, out_dir):
         torch.save(losses, f"{out_dir}/losses_{mode}.pt")
 
 
-@pytest.mark.parametrize("mode, world, rel_tol", [
-    # fp32: the same math; only fp32 reduction order differs (batch split, reduce-scatter), which
-    # can flip a top-k near-tie now and then (measured: 2e-7 relative over 12 steps)
-    ("fp32", 2, 1e-5),
-    ("offload", 2, 1e-5),
-    ("hsdp", 4, 1e-5),
-    # bf16 compute (fp32 master weights and reduction): bf16 rounding of activations, ~1%
-    ("bf16", 2, 2e-2),
-    ("bf16-reduce", 2, 2e-2),  # gradients reduced in bf16 too
-])
+@pytest.mark.parametrize(
+    "mode, world, rel_tol",
+    [
+        # fp32: the same math; only fp32 reduction order differs (batch split, reduce-scatter), which
+        # can flip a top-k near-tie now and then (measured: 2e-7 relative over 12 steps)
+        ("fp32", 2, 1e-5),
+        ("offload", 2, 1e-5),
+        ("hsdp", 4, 1e-5),
+        # bf16 compute (fp32 master weights and reduction): bf16 rounding of activations, ~1%
+        ("bf16", 2, 2e-2),
+        ("bf16-reduce", 2, 2e-2),  # gradients reduced in bf16 too
+    ],
+)
 def test_fsdp2_training_matches_single_process(tmp_path, mode, world, rel_tol):
     run_workers(_train_worker, world, mode, str(tmp_path))
     got = torch.load(tmp_path / f"losses_{mode}.pt")
@@ -269,8 +275,12 @@ def _fsdp1_worker(rank, world, use_orig_params, out_dir):
     import microadam_dist.fsdp1
     from microadam_dist.models import Block
 
-    model = FSDP(tiny_gpt(), device_id=torch.device("cpu"), use_orig_params=use_orig_params,
-                 auto_wrap_policy=ModuleWrapPolicy({Block}))
+    model = FSDP(
+        tiny_gpt(),
+        device_id=torch.device("cpu"),
+        use_orig_params=use_orig_params,
+        auto_wrap_policy=ModuleWrapPolicy({Block}),
+    )
     opt = MicroAdam(model.parameters(), **TRAIN_HP)
     model(*[t[:1] for t in batches()[0]]).backward()
     with pytest.raises(RuntimeError, match="fsdp1.attach"):

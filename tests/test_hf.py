@@ -7,10 +7,10 @@
 * torch's FSDP2 full state dicts (with and without cpu_offload), loaded back.
 
 Each resume is compared with the uninterrupted run: its losses and final weights (Trainer.save_model).
-(At the same world size resumes are bitwise: test_deepspeed.py, test_fsdp.py.) At another world size each rank's loss is its share
-of the global mean (transformers divides by the tokens of the whole global batch), so the 1-rank
-loss is the sum of the 2 ranks'; the gradient is then reduced in another order (a few fp32 ulps),
-hence a relative tolerance of 1e-5 (measured: losses 1e-7, weights bitwise equal).
+(At the same world size resumes are bitwise: test_deepspeed.py, test_fsdp.py.) At another world
+size each rank's loss is its share of the global mean (transformers divides by the tokens of the
+whole global batch), so the 1-rank loss is the sum of the 2 ranks'; the gradient is then reduced
+in another order (a few fp32 ulps), hence a relative tolerance of 1e-5 (measured: losses 1e-7, weights bitwise equal).
 """
 
 from __future__ import annotations
@@ -78,13 +78,29 @@ def test_trainer_deepspeed_zero2_resumes_at_another_world_size_and_from_reshard(
     saved = tmp_path / "full" / "0" / "run" / f"checkpoint-{H.SAVE_AT}"
     assert (saved / f"global_step{H.SAVE_AT}").is_dir() and (saved / "latest").is_file()
     resharded = tmp_path / "resharded"
-    run = subprocess.run([sys.executable, "-m", "microadam_dist.cli", "reshard", str(saved), str(resharded),
-                          "--world-size", "1", "--quiet"], capture_output=True, text=True, timeout=240)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "microadam_dist.cli",
+            "reshard",
+            str(saved),
+            str(resharded),
+            "--world-size",
+            "1",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     tag = resharded / f"global_step{H.SAVE_AT}"
     assert (resharded / "latest").read_text() == tag.name
-    assert sorted(f.name for f in tag.iterdir()) == ["mp_rank_00_model_states.pt",
-                                                     "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert sorted(f.name for f in tag.iterdir()) == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    ]
     for name in ("trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"):  # carried along
         assert (resharded / name).read_bytes() == (saved / name).read_bytes(), name
     assert json.loads((resharded / "trainer_state.json").read_text())["global_step"] == H.SAVE_AT
@@ -95,7 +111,7 @@ def test_trainer_deepspeed_zero2_resumes_at_another_world_size_and_from_reshard(
     for i, (source, how) in enumerate([("the 2-rank checkpoint", "resharded"), ("reshard's output", "native")]):
         run = _losses(out, 1)[0][i]
         assert run["step"] == H.STEPS and run["load"] == how, (source, run)
-        _assert_losses(run["losses"], global_losses[H.SAVE_AT:], REL, f"1 rank from {source}")
+        _assert_losses(run["losses"], global_losses[H.SAVE_AT :], REL, f"1 rank from {source}")
         _assert_weights(_weights(out / str(i) / "final"), weights, REL, f"1 rank from {source}")
 
 
@@ -105,8 +121,9 @@ def test_trainer_fsdp2_full_state_dict_resumes_at_another_world_size(tmp_path):
     saved = tmp_path / "full" / "0" / "run" / f"checkpoint-{H.SAVE_AT}"
     assert (saved / "optimizer.pt").is_file()  # FULL_STATE_DICT: one file of the full optimizer state
     run_workers(H.trainer_run, 1, "fsdp", str(tmp_path / "at1"), [str(saved)])
-    _assert_losses(_losses(tmp_path / "at1", 1)[0][0]["losses"], [a + b for a, b in zip(*losses)][H.SAVE_AT:],
-                   REL, "1 rank")
+    _assert_losses(
+        _losses(tmp_path / "at1", 1)[0][0]["losses"], [a + b for a, b in zip(*losses)][H.SAVE_AT :], REL, "1 rank"
+    )
     _assert_weights(_weights(tmp_path / "at1" / "0" / "final"), weights, REL, "1 rank")
 
 

@@ -34,7 +34,7 @@ def _imports(name: str, path: Path, modules: dict) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = name.split(".")
-                base = base[:len(base) - node.level + (1 if is_package else 0)]
+                base = base[: len(base) - node.level + (1 if is_package else 0)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -55,7 +55,7 @@ def test_no_import_cycle_in_the_package():
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"
@@ -90,22 +90,26 @@ def test_the_cycle_finder_sees_imports_inside_functions(tmp_path):
 
 
 def test_import_is_cheap_and_registers_the_json_entry():
-    code = ("import sys, torch, microadam_dist\n"
-            "heavy = [m for m in ('deepspeed', 'triton', 'torch.distributed.tensor', 'transformers') if m in sys.modules]\n"
-            "assert not heavy, heavy\n"
-            "assert torch.optim.MicroAdam is microadam_dist.DeepSpeedMicroAdam\n")
+    code = (
+        "import sys, torch, microadam_dist\n"
+        "heavy = [m for m in ('deepspeed', 'triton', 'torch.distributed.tensor', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert torch.optim.MicroAdam is microadam_dist.DeepSpeedMicroAdam\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
 
 
 def test_import_never_raises_over_a_foreign_torch_optim_entry():
-    code = ("import warnings, torch\n"
-            "class Other(torch.optim.SGD): pass\n"
-            "torch.optim.MicroAdam = Other\n"
-            "with warnings.catch_warnings(record=True) as caught:\n"
-            "    warnings.simplefilter('always')\n"
-            "    import microadam_dist\n"
-            "assert torch.optim.MicroAdam is Other\n"
-            "assert any('already' in str(w.message) for w in caught), [str(w.message) for w in caught]\n")
+    code = (
+        "import warnings, torch\n"
+        "class Other(torch.optim.SGD): pass\n"
+        "torch.optim.MicroAdam = Other\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import microadam_dist\n"
+        "assert torch.optim.MicroAdam is Other\n"
+        "assert any('already' in str(w.message) for w in caught), [str(w.message) for w in caught]\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -8,18 +8,44 @@ from pathlib import Path
 from dist_utils import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--steps", "3", "--width", "32", "--context", "16", "--batch-size", "4", "--layers", "1",
-        "--optimizers", "microadam", "--quiet"]
+TINY = [
+    "--steps",
+    "3",
+    "--width",
+    "32",
+    "--context",
+    "16",
+    "--batch-size",
+    "4",
+    "--layers",
+    "1",
+    "--optimizers",
+    "microadam",
+    "--quiet",
+]
 
 
 def test_two_torchrun_agents_as_two_nodes():
     port = str(free_port())
-    env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": port, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    agents = [subprocess.Popen(["bash", str(ROOT / "launch/torchrun.sh"), *TINY],
-                               env={**env, "NODE_RANK": str(node)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-              for node in (0, 1)]
+    env = {
+        **os.environ,
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+    }
+    agents = [
+        subprocess.Popen(
+            ["bash", str(ROOT / "launch/torchrun.sh"), *TINY],
+            env={**env, "NODE_RANK": str(node)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     outputs = []
     try:
         for agent in agents:
@@ -40,8 +66,7 @@ def test_main_job_end_to_end(tmp_path):
     from microadam_dist.demo import main
 
     out = tmp_path / "demo"
-    plot = main(["--steps", "6", "--out", str(out), "--quiet", "--width", "32", "--context", "16",
-                 "--layers", "1"])
+    plot = main(["--steps", "6", "--out", str(out), "--quiet", "--width", "32", "--context", "16", "--layers", "1"])
     assert plot.exists() and plot.stat().st_size > 10_000
     assert (out / "ckpt" / "microadam" / "train_meta.json").exists()
     assert not (out / "ckpt" / "microadam.partial").exists()
@@ -60,8 +85,7 @@ def test_resume_at_another_world_size_continues_the_same_run(tmp_path):
 
     from microadam_dist.demo import torchrun
 
-    tiny = ["--steps", "8", "--width", "32", "--context", "16", "--layers", "1", "--quiet",
-            "--optimizers", "microadam"]
+    tiny = ["--steps", "8", "--width", "32", "--context", "16", "--layers", "1", "--quiet", "--optimizers", "microadam"]
     torchrun(2, [*tiny, "--stop-at", "4", "--save", str(tmp_path / "ckpt"), "--out", str(tmp_path / "a")])
     torchrun(1, [*tiny, "--resume", str(tmp_path / "ckpt"), "--out", str(tmp_path / "a")])
     torchrun(1, [*tiny, "--out", str(tmp_path / "b")])
@@ -102,10 +126,17 @@ def test_mpirun_discovers_ranks_through_mpi4py():
     if not mpirun.exists():
         mpirun = shutil.which("mpirun")
     assert mpirun, "mpirun not found: install the project with its `mpi` extra"
-    env = {**os.environ, "NP": "2", "MPIRUN": str(mpirun), "PYTHON": sys.executable,
-           "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(["bash", str(ROOT / "launch/mpirun.sh"), *TINY], env=env, capture_output=True,
-                         text=True, timeout=240)
+    env = {
+        **os.environ,
+        "NP": "2",
+        "MPIRUN": str(mpirun),
+        "PYTHON": sys.executable,
+        "MASTER_ADDR": "127.0.0.1",
+        "OMP_NUM_THREADS": "1",
+    }
+    out = subprocess.run(
+        ["bash", str(ROOT / "launch/mpirun.sh"), *TINY], env=env, capture_output=True, text=True, timeout=240
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "(world size 2)" in out.stdout, out.stdout
 

@@ -5,10 +5,10 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import run_workers
 from torch.distributed.tensor import distribute_tensor
 
 from microadam_dist import MicroAdam
-from dist_utils import run_workers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs for real on a GPU
 HP = dict(lr=1e-2, weight_decay=0.1, block_size=64, quant_bucket_size=16, density=0.05, window_size=3)

@@ -146,9 +146,9 @@ def test_per_group_hyperparameters():
 def test_alpha_is_a_group_hyperparameter_saved_like_lr(tmp_path):
     """alpha (densification) travels in param groups: per group, through a checkpoint on disk (a
     resumed run equals the straight one), and a state_dict saved before alpha existed means 0."""
+
     def build(params, alpha):
-        return MicroAdam([{"params": params[:2], "alpha": 0.3}, {"params": params[2:]}], lr=1e-2,
-                         alpha=alpha, **SMALL)
+        return MicroAdam([{"params": params[:2], "alpha": 0.3}, {"params": params[2:]}], lr=1e-2, alpha=alpha, **SMALL)
 
     straight = _params()
     opt = build(straight, 0.5)
@@ -189,18 +189,32 @@ def test_non_contiguous_param():
 
 
 # ---- validation ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr=torch.tensor(0.1)), "lr"),
-    (dict(betas=(1.0, 0.999)), "beta1"), (dict(betas=(0.9, -0.1)), "beta2"), (dict(betas=(0.9,)), "betas"),
-    (dict(eps=-1e-8), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(window_size=0), "window_size"), (dict(window_size=2.0), "window_size"),
-    (dict(density=0.0), "density"), (dict(density=1.5), "density"),
-    (dict(block_size=40000), "block_size"), (dict(block_size=0), "block_size"),
-    (dict(block_size=64, quant_bucket_size=48), "quant_bucket_size"),
-    (dict(block_size=64, quant_bucket_size=128), "quant_bucket_size"),
-    (dict(backend="cuda"), "backend"),
-    (dict(alpha=1.0), "alpha"), (dict(alpha=-0.1), "alpha"), (dict(alpha=-2), "alpha"), (dict(alpha=True), "alpha"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(lr=torch.tensor(0.1)), "lr"),
+        (dict(betas=(1.0, 0.999)), "beta1"),
+        (dict(betas=(0.9, -0.1)), "beta2"),
+        (dict(betas=(0.9,)), "betas"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(window_size=0), "window_size"),
+        (dict(window_size=2.0), "window_size"),
+        (dict(density=0.0), "density"),
+        (dict(density=1.5), "density"),
+        (dict(block_size=40000), "block_size"),
+        (dict(block_size=0), "block_size"),
+        (dict(block_size=64, quant_bucket_size=48), "quant_bucket_size"),
+        (dict(block_size=64, quant_bucket_size=128), "quant_bucket_size"),
+        (dict(backend="cuda"), "backend"),
+        (dict(alpha=1.0), "alpha"),
+        (dict(alpha=-0.1), "alpha"),
+        (dict(alpha=-2), "alpha"),
+        (dict(alpha=True), "alpha"),
+    ],
+)
 def test_invalid_hyperparameters(kwargs, name):
     with pytest.raises(ValueError, match=f"Invalid {name}"):
         MicroAdam([torch.zeros(3, requires_grad=True)], **{"lr": 1e-3, **kwargs})

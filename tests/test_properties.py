@@ -13,11 +13,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from naive_microadam import NaiveMicroAdam
 
 from microadam_dist import MicroAdam, geometry_for
 from microadam_dist.functional import dequantize_4bit
 from microadam_dist.state import StateLayout
-from naive_microadam import NaiveMicroAdam
 
 SHAPES = st.one_of(
     st.just(()),
@@ -27,20 +27,29 @@ SHAPES = st.one_of(
 )
 # (block_size, quant_bucket_size): buckets tile blocks, so the bucket size divides the block size
 GEOMETRIES = st.sampled_from([(8, 2), (8, 8), (32, 4), (64, 16), (96, 12), (96, 32), (128, 2), (128, 128)])
-CONFIGS = st.fixed_dictionaries({
-    "shape": SHAPES,
-    "geometry": GEOMETRIES,
-    "density": st.sampled_from([0.01, 0.1, 0.5, 1.0]),
-    "window_size": st.integers(1, 4),
-    "weight_decay": st.sampled_from([0.0, 0.1]),
-    "lr": st.sampled_from([1e-3, 3e-2]),
-    "steps": st.integers(1, 7),
-    "seed": st.integers(0, 2**16),
-})
+CONFIGS = st.fixed_dictionaries(
+    {
+        "shape": SHAPES,
+        "geometry": GEOMETRIES,
+        "density": st.sampled_from([0.01, 0.1, 0.5, 1.0]),
+        "window_size": st.integers(1, 4),
+        "weight_decay": st.sampled_from([0.0, 0.1]),
+        "lr": st.sampled_from([1e-3, 3e-2]),
+        "steps": st.integers(1, 7),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
 def profile(examples: int):
     # derandomized: CI runs the same examples every time (a failure is reproducible, not flaky)
-    return settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                    derandomize=True, database=None)
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        derandomize=True,
+        database=None,
+    )
 
 
 def expand(cfg: dict) -> dict:
@@ -61,11 +70,11 @@ def check_invariants(opt: MicroAdam, p: torch.Tensor, cfg: dict, steps: int) -> 
             for c in range(rect.num_cols):
                 e0 = rect.ef_offset + r * rect.ef_row_stride + c * rect.ef_bytes
                 q0 = rect.bucket_offset + r * rect.bucket_row_stride + c * rect.buckets
-                codes = st_["ef_codes"][e0:e0 + rect.ef_bytes].view(1, -1)
-                stats = st_["ef_stats"][q0:q0 + rect.buckets].view(1, -1, 2)
+                codes = st_["ef_codes"][e0 : e0 + rect.ef_bytes].view(1, -1)
+                stats = st_["ef_stats"][q0 : q0 + rect.buckets].view(1, -1, 2)
                 x = dequantize_4bit(codes, stats, rect.block_len, cfg["quant_bucket_size"])
-                lo = stats[0, :, 0].repeat_interleave(cfg["quant_bucket_size"])[:rect.block_len]
-                hi = stats[0, :, 1].repeat_interleave(cfg["quant_bucket_size"])[:rect.block_len]
+                lo = stats[0, :, 0].repeat_interleave(cfg["quant_bucket_size"])[: rect.block_len]
+                hi = stats[0, :, 1].repeat_interleave(cfg["quant_bucket_size"])[: rect.block_len]
                 slack = 1e-6 * torch.maximum(lo.abs(), hi.abs())  # lo + code * u rounds: an ulp or two
                 assert bool(((x >= lo - slack) & (x <= hi + slack)).all())
 
@@ -79,8 +88,17 @@ def test_reference_agrees_with_naive_and_keeps_invariants(cfg):
     hp = dict(lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg["weight_decay"])
     geo = {k: cfg[k] for k in ("window_size", "density", "block_size", "quant_bucket_size")}
     opt = MicroAdam([p], **hp, **geo)
-    naive = NaiveMicroAdam(p.shape if p.dim() else (1,), hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"],
-                           geo["window_size"], geo["density"], geo["block_size"], geo["quant_bucket_size"])
+    naive = NaiveMicroAdam(
+        p.shape if p.dim() else (1,),
+        hp["lr"],
+        hp["betas"],
+        hp["eps"],
+        hp["weight_decay"],
+        geo["window_size"],
+        geo["density"],
+        geo["block_size"],
+        geo["quant_bucket_size"],
+    )
     naive_p = p.detach().double().reshape(-1).numpy().copy()
     for step in range(1, cfg["steps"] + 1):
         g = torch.randn(p.shape, generator=gen)
@@ -107,8 +125,14 @@ def test_triton_agrees_with_reference(cfg, bf16):
     gen = torch.Generator().manual_seed(cfg["seed"])
     p_ref = torch.randn(cfg["shape"], generator=gen).to(dtype).requires_grad_()
     p_tri = p_ref.detach().clone().requires_grad_()
-    hp = dict(lr=cfg["lr"], weight_decay=cfg["weight_decay"], window_size=cfg["window_size"],
-              density=cfg["density"], block_size=cfg["block_size"], quant_bucket_size=cfg["quant_bucket_size"])
+    hp = dict(
+        lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"],
+        window_size=cfg["window_size"],
+        density=cfg["density"],
+        block_size=cfg["block_size"],
+        quant_bucket_size=cfg["quant_bucket_size"],
+    )
     ref, tri = MicroAdam([p_ref], backend="torch", **hp), MicroAdam([p_tri], backend="triton", **hp)
     for _ in range(cfg["steps"]):
         g = torch.randn(p_ref.shape, generator=gen).to(dtype)

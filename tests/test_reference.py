@@ -5,18 +5,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from naive_microadam import NaiveMicroAdam
 
 from microadam_dist import MicroAdam, geometry_for
 from microadam_dist.functional import (
     StepConfig,
+    _level_step,
     dequantize_4bit,
     microadam_blocks_,
     quantize_4bit,
     select_topk,
 )
-from microadam_dist.functional import _level_step
 from microadam_dist.state import StateLayout
-from naive_microadam import NaiveMicroAdam
 
 SHAPES = [(33, 70), (5,), (), (3, 4, 50), (2, 300), (130,)]
 
@@ -35,8 +35,17 @@ def test_adamw_oracle_fp32(shape, weight_decay):
     ref = p0.clone().requires_grad_()
     mine = p0.clone().requires_grad_()
     adamw = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay)
-    micro = MicroAdam([mine], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay,
-                      window_size=10, density=1.0, block_size=64, quant_bucket_size=16)
+    micro = MicroAdam(
+        [mine],
+        lr=1e-2,
+        betas=(0.9, 0.99),
+        eps=1e-8,
+        weight_decay=weight_decay,
+        window_size=10,
+        density=1.0,
+        block_size=64,
+        quant_bucket_size=16,
+    )
     for _ in range(10):
         g = bf16_exact(shape, gen)
         ref.grad, mine.grad = g.clone(), g.clone()
@@ -80,9 +89,21 @@ def test_matches_naive_implementation_step_by_step(alpha):
     geo = dict(window_size=4, density=0.05, block_size=64, quant_bucket_size=16)
     gen = torch.Generator().manual_seed(3)
     params = [torch.randn(s, generator=gen).requires_grad_() for s in NAIVE_SHAPES]
-    naive = [NaiveMicroAdam(s, hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"], geo["window_size"],
-                            geo["density"], geo["block_size"], geo["quant_bucket_size"], alpha=alpha)
-             for s in NAIVE_SHAPES]
+    naive = [
+        NaiveMicroAdam(
+            s,
+            hp["lr"],
+            hp["betas"],
+            hp["eps"],
+            hp["weight_decay"],
+            geo["window_size"],
+            geo["density"],
+            geo["block_size"],
+            geo["quant_bucket_size"],
+            alpha=alpha,
+        )
+        for s in NAIVE_SHAPES
+    ]
     naive_p = [p.detach().double().reshape(-1).numpy().copy() for p in params]
     opt = MicroAdam(params, **hp, **geo, alpha=alpha)
     for step in range(1, 23):  # window 4: the ring wraps five times
@@ -127,7 +148,7 @@ def test_quantization_error_bounded_and_layout():
     assert (err <= bound + 1e-7).all()
     # min and max of each bucket are reproduced exactly (codes 0 and 15)
     for b in range(3):
-        seg = x[:, 16 * b:16 * (b + 1)]
+        seg = x[:, 16 * b : 16 * (b + 1)]
         assert torch.equal(stats[:, b, 0], seg.amin(1)) and torch.equal(stats[:, b, 1], seg.amax(1))
     low, high = codes & 0xF, codes >> 4
     assert low.max() <= 15 and high[:, -1].eq(0).all()  # the padding nibble of an odd block is 0
@@ -152,12 +173,19 @@ def _run_range(shape, ranges, steps, chunk):
     states = []
     for b0, b1 in ranges:
         (_, k0, e0, q0), (_, k1, e1, q1) = geom.block_start(b0), geom.block_start(b1)
-        states.append({"window_idx": whole["window_idx"][:, k0:k1], "window_val": whole["window_val"][:, k0:k1],
-                       "ef_codes": whole["ef_codes"][e0:e1], "ef_stats": whole["ef_stats"][q0:q1]})
+        states.append(
+            {
+                "window_idx": whole["window_idx"][:, k0:k1],
+                "window_val": whole["window_val"][:, k0:k1],
+                "ef_codes": whole["ef_codes"][e0:e1],
+                "ef_stats": whole["ef_stats"][q0:q1],
+            }
+        )
     for t in range(1, steps + 1):
         g = torch.randn(math.prod(shape), generator=gen)
-        cfg = StepConfig(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, window_size=3,
-                         step=t, chunk_elements=chunk)
+        cfg = StepConfig(
+            lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, window_size=3, step=t, chunk_elements=chunk
+        )
         for (b0, b1), st in zip(ranges, states):
             e0, e1 = geom.block_start(b0)[0], geom.block_start(b1)[0]
             piece = p[e0:e1]  # a contiguous view: updated in place
@@ -225,5 +253,6 @@ def test_reference_state_same_on_cuda_and_cpu(dtype):
             microadam_blocks_(geom, 0, geom.num_blocks, params[d], g.to(d), states[d], cfg)
         for key, value in states["cpu"].items():
             assert torch.equal(states["cuda"][key].cpu(), value), (key, t)
-        torch.testing.assert_close(params["cuda"].cpu(), params["cpu"], rtol=1e-5 if dtype == torch.float32 else 1e-2,
-                                   atol=1e-6)
+        torch.testing.assert_close(
+            params["cuda"].cpu(), params["cpu"], rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6
+        )

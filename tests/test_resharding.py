@@ -20,15 +20,16 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import p2_workers as P  # noqa: E402
 from dist_utils import run_workers  # noqa: E402
+
 from microadam_dist import MicroAdam, checkpoint  # noqa: E402
 from microadam_dist.checkpoint.local import _LiveCheckpoint  # noqa: E402
-
 from microadam_dist.state import FIELDS  # noqa: E402
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    run = subprocess.run([sys.executable, "-m", "microadam_dist.cli", *map(str, args)], capture_output=True,
-                         text=True, timeout=240)
+    run = subprocess.run(
+        [sys.executable, "-m", "microadam_dist.cli", *map(str, args)], capture_output=True, text=True, timeout=240
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return run
 
@@ -85,10 +86,10 @@ def test_every_source_reads_as_the_single_process_state(sources, refs, tmp_path)
 
 # (source, how it reaches the target, ZeRO stage, world size M)
 DEEPSPEED_MOVES = [
-    ("ds2", "reshard", 3, 3),   # ZeRO-2 at 2 -> ZeRO-3 at 3, through `microadam-ckpt reshard`
-    ("ds3", "native", 1, 2),    # ZeRO-3 at 3 -> ZeRO-1 at 2, DeepSpeed's own files read directly
+    ("ds2", "reshard", 3, 3),  # ZeRO-2 at 2 -> ZeRO-3 at 3, through `microadam-ckpt reshard`
+    ("ds3", "native", 1, 2),  # ZeRO-3 at 3 -> ZeRO-1 at 2, DeepSpeed's own files read directly
     ("fsdp2", "native", 2, 1),  # FSDP2 at 2 (DCP) -> ZeRO-2 at 1
-    ("single", "native", 2, 4), # one process (canonical) -> ZeRO-2 at 4
+    ("single", "native", 2, 4),  # one process (canonical) -> ZeRO-2 at 4
 ]
 
 

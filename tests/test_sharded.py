@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from dist_utils import run_workers
 
 from microadam_dist import geometry_for
 from microadam_dist.functional import StepConfig, microadam_blocks_
 from microadam_dist.sharded import Segment, ShardedStepper
 from microadam_dist.state import StateLayout
-from dist_utils import run_workers
 
 SHAPES = [(9, 150), (700,), (4, 3, 30), (), (5,), (2, 64)]
 GROUP = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, window_size=3)
@@ -31,8 +31,9 @@ def _single(dtype, alpha=0.0):
         geom = geometry_for(s, *GEO)
         st = StateLayout(geom, 3).zeros("cpu")
         for t in range(1, STEPS + 1):
-            cfg = StepConfig(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, window_size=3, step=t,
-                             alpha=alpha)
+            cfg = StepConfig(
+                lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, window_size=3, step=t, alpha=alpha
+            )
             microadam_blocks_(geom, 0, geom.num_blocks, params[i], grads[t - 1][i], st, cfg)
         st["step"] = torch.tensor(STEPS)
         states.append(st)
@@ -68,8 +69,17 @@ def _worker(rank, world, kind, dtype, out_dir, alpha=0.0):
     local = [params[i][s:e].clone() for i, s, e in layout]
     stepper, states = ShardedStepper(), {}
     for t in range(STEPS):
-        segs = [Segment(key=f"p{i}", geometry=geometry_for(SHAPES[i], *GEO), start=s, param=local[j],
-                        grad=grads[t][i][s:e].clone(), group={**GROUP, "alpha": alpha}) for j, (i, s, e) in enumerate(layout)]
+        segs = [
+            Segment(
+                key=f"p{i}",
+                geometry=geometry_for(SHAPES[i], *GEO),
+                start=s,
+                param=local[j],
+                grad=grads[t][i][s:e].clone(),
+                group={**GROUP, "alpha": alpha},
+            )
+            for j, (i, s, e) in enumerate(layout)
+        ]
         stepper.step(segs, states, chunk_elements=1 << 20)
     torch.save({"layout": layout, "params": local, "states": states}, f"{out_dir}/rank{rank}.pt")
 

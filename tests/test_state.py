@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from microadam_dist.geometry import geometry_for
-from microadam_dist.state import (DTYPES, FIELDS, StateLayout, narrow_indices, packed_shapes, packed_views,
-                                  packed_zeros, widen_indices)
+from microadam_dist.state import (
+    DTYPES,
+    FIELDS,
+    StateLayout,
+    narrow_indices,
+    packed_shapes,
+    packed_views,
+    packed_zeros,
+    widen_indices,
+)
 
 # (shape, block, bucket, density): rows with a short last block, a 1-D parameter, a scalar
 GEOMETRIES = [((6, 150), 64, 16, 0.05), ((700,), 64, 16, 0.05), ((3, 4, 25), 32, 8, 0.1), ((), 64, 16, 0.05)]
@@ -48,7 +56,11 @@ def test_row_form_round_trip_and_shapes(geo):
     rows = layout.to_rows(st)
     k_row, e_row, q_row = geom.per_row
     assert tuple(rows["window_idx"].shape) == (WINDOW, geom.rows, k_row)
-    assert tuple(rows["ef_codes"].shape) == (geom.rows, e_row) and tuple(rows["ef_stats"].shape) == (geom.rows, q_row, 2)
+    assert tuple(rows["ef_codes"].shape) == (geom.rows, e_row) and tuple(rows["ef_stats"].shape) == (
+        geom.rows,
+        q_row,
+        2,
+    )
     assert rows["window_val"].data_ptr() == st["window_val"].data_ptr()  # views, no copy
     back = layout.from_rows(rows)
     for key in FIELDS:

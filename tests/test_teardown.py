@@ -49,8 +49,12 @@ def _deepspeed_run(tmp: str) -> None:
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 3))
-    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
-              "zero_allow_untested_optimizer": True, "optimizer": {"type": "MicroAdam", "params": {"lr": 1e-3}}}
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "optimizer": {"type": "MicroAdam", "params": {"lr": 1e-3}},
+    }
     engine, *_ = deepspeed_zero.initialize(model, config)
     for _ in range(2):
         engine.backward(engine(torch.randn(2, 16)).sum())
@@ -60,8 +64,14 @@ def _deepspeed_run(tmp: str) -> None:
 
 
 def _worker(rank: int, world_size: int, port: int, body: str, tmp: str, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     globals()[body](tmp)
     before = gloo_worker_threads()
@@ -74,8 +84,9 @@ def _worker(rank: int, world_size: int, port: int, body: str, tmp: str, queue) -
 def test_no_gloo_thread_outlives_the_teardown(tmp_path, body):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(2, free_port(), body, str(tmp_path), queue), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, free_port(), body, str(tmp_path), queue), nprocs=2, join=True, start_method="spawn"
+    )
     counts = sorted(queue.get() for _ in range(2))
     for rank, before, after in counts:
         assert before > 0, f"rank {rank}: the run started no gloo worker thread, so it proves nothing"

@@ -8,7 +8,19 @@ from microadam_dist.data import load_corpus
 from microadam_dist.train import main
 
 # this smaller, shorter run wants larger rates than the main job's defaults (tuned for width 128, 300 steps)
-TINY = ["--width", "64", "--context", "32", "--batch-size", "16", "--quiet", "--lr-microadam", "5e-3", "--lr-adamw", "3e-3"]
+TINY = [
+    "--width",
+    "64",
+    "--context",
+    "32",
+    "--batch-size",
+    "16",
+    "--quiet",
+    "--lr-microadam",
+    "5e-3",
+    "--lr-adamw",
+    "3e-3",
+]
 
 
 def unigram_entropy() -> float:

@@ -17,8 +17,13 @@ import pytest
 @pytest.mark.timeout(240)
 def test_kernels_compile_for_nvidia_gpus_without_fused_multiply_adds():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("compile_kernels.py"))], env=env,
-                         capture_output=True, text=True, timeout=220)
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("compile_kernels.py"))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=220,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     variants = [json.loads(line) for line in run.stdout.splitlines()]
     # (sm_90 x 2 blocks + sm_80) x {fp32, bf16} x {compress, 2 updates}, + odd-bucket compress per arch and dtype

@@ -11,14 +11,25 @@ import torch
 
 from microadam_dist import MicroAdam, geometry_for
 from microadam_dist.functional import StepConfig, microadam_blocks_
+from microadam_dist.kernels import triton_path  # noqa: E402  (triton is installed by make test)
 from microadam_dist.state import StateLayout
 
-from microadam_dist.kernels import triton_path  # noqa: E402  (triton is installed by make test)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_both(shape, dtype, weight_decay, steps, density=0.05, block=64, bucket=16, window=3,
-             block_range=None, grads=None, alpha=0.0):
+def run_both(
+    shape,
+    dtype,
+    weight_decay,
+    steps,
+    density=0.05,
+    block=64,
+    bucket=16,
+    window=3,
+    block_range=None,
+    grads=None,
+    alpha=0.0,
+):
     geom = geometry_for(shape, block, bucket, density)
     b0, b1 = block_range or (0, geom.num_blocks)
     e0, e1 = geom.block_start(b0)[0], geom.block_start(b1)[0]
@@ -29,8 +40,16 @@ def run_both(shape, dtype, weight_decay, steps, density=0.05, block=64, bucket=1
     s_tri = {k: v.clone() for k, v in s_ref.items()}
     for t in range(1, steps + 1):
         g = (grads(t, e1 - e0) if grads else torch.randn(e1 - e0, generator=gen)).to(dtype).to(DEVICE)
-        cfg = StepConfig(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay,
-                         window_size=window, step=t, alpha=alpha)
+        cfg = StepConfig(
+            lr=1e-2,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=weight_decay,
+            window_size=window,
+            step=t,
+            alpha=alpha,
+        )
         microadam_blocks_(geom, b0, b1, p_ref, g, s_ref, cfg)
         triton_path.microadam_blocks_triton_(geom, b0, b1, p_tri, g.clone(), s_tri, cfg)
         for key in ("window_idx", "window_val", "ef_codes", "ef_stats"):
@@ -50,8 +69,15 @@ def test_triton_matches_reference(shape, dtype, weight_decay):
     run_both(shape, dtype, weight_decay, steps=8)  # window 3: the ring wraps twice
 
 
-@pytest.mark.parametrize("shape, dtype, weight_decay", [((7, 100), torch.float32, 0.1), ((130,), torch.bfloat16, 0.0),
-                                                      ((2, 3, 40), torch.bfloat16, 0.1), ((), torch.float32, 0.0)])
+@pytest.mark.parametrize(
+    "shape, dtype, weight_decay",
+    [
+        ((7, 100), torch.float32, 0.1),
+        ((130,), torch.bfloat16, 0.0),
+        ((2, 3, 40), torch.bfloat16, 0.1),
+        ((), torch.float32, 0.0),
+    ],
+)
 def test_densification_matches_reference(shape, dtype, weight_decay):
     """alpha > 0: the separate dense pass (kernels/densify.py) requantizes e bitwise as the
     reference does and moves every coordinate."""
@@ -94,6 +120,7 @@ def test_topk_fast_path_and_fallback(case):
     there are at most 64 of them, else found by the radix search. 60 equal maxima: 60 candidates,
     ties at the k-th value; 30 + 30 on two levels; 100 equal maxima: the fallback; a hot span of
     300 contiguous large entries."""
+
     def grads(t, n):
         gen = torch.Generator().manual_seed(t)
         g = torch.randn(n, generator=gen) * 0.01
@@ -112,8 +139,7 @@ def test_topk_fast_path_and_fallback(case):
                 r[1000:1300] = torch.randn(300, generator=gen) * 10
         return g
 
-    run_both((2, 4096), torch.float32, 0.0, steps=2, density=0.01, block=4096, bucket=2048, window=3,
-             grads=grads)
+    run_both((2, 4096), torch.float32, 0.0, steps=2, density=0.01, block=4096, bucket=2048, window=3, grads=grads)
 
 
 @pytest.mark.parametrize("block, bucket", [(60, 12), (75, 25), (64, 1), (64, 2), (64, 64)])
@@ -149,6 +175,7 @@ def test_largest_block():
     """Block 32768 (int16 indices' limit): the top-k search packs counts of up to 32768 in 16-bit
     fields and the compaction scan counts up to 32768 ties; all-zero and ternary gradients make
     every count reach its bound."""
+
     def grads(t, n):
         gen = torch.Generator().manual_seed(t)
         if t == 1:
@@ -157,5 +184,4 @@ def test_largest_block():
             return torch.randint(-1, 2, (n,), generator=gen).float()
         return torch.randn(n, generator=gen)
 
-    run_both((2, 32768), torch.bfloat16, 0.0, steps=3, density=0.01, block=32768, bucket=2048, window=3,
-             grads=grads)
+    run_both((2, 32768), torch.bfloat16, 0.0, steps=3, density=0.01, block=32768, bucket=2048, window=3, grads=grads)

@@ -34,15 +34,29 @@ def export_adam(ckpt: Checkpoint, out, *, overwrite: bool = False, progress: boo
         cfg = StepConfig.from_group(group, step=t)
         M, S = dense_moments(geom, flat, cfg) if t > 0 else (torch.zeros(geom.numel), torch.zeros(geom.numel))
         shape = ckpt.params[name].shape
-        state[i] = {"step": torch.tensor(float(t)), "exp_avg": (M * (1 - b1)).view(shape),
-                    "exp_avg_sq": (S * (1 - b2)).view(shape)}
+        state[i] = {
+            "step": torch.tensor(float(t)),
+            "exp_avg": (M * (1 - b1)).view(shape),
+            "exp_avg_sq": (S * (1 - b2)).view(shape),
+        }
     groups = []
     for g, group in enumerate(ckpt.groups):
-        groups.append({"lr": group["lr"], "betas": tuple(group["betas"]), "eps": group["eps"],
-                       "weight_decay": group["weight_decay"], "amsgrad": False, "maximize": False,
-                       "foreach": None, "capturable": False, "differentiable": False, "fused": None,
-                       "params": [i for i, n in enumerate(names) if ckpt.params[n].group == g],
-                       "param_names": [n for n in names if ckpt.params[n].group == g]})
+        groups.append(
+            {
+                "lr": group["lr"],
+                "betas": tuple(group["betas"]),
+                "eps": group["eps"],
+                "weight_decay": group["weight_decay"],
+                "amsgrad": False,
+                "maximize": False,
+                "foreach": None,
+                "capturable": False,
+                "differentiable": False,
+                "fused": None,
+                "params": [i for i, n in enumerate(names) if ckpt.params[n].group == g],
+                "param_names": [n for n in names if ckpt.params[n].group == g],
+            }
+        )
     with atomic_directory(out, overwrite) as tmp:
         torch.save({"state": state, "param_groups": groups}, tmp / "adamw_state.pt")
         (tmp / "README.txt").write_text(
@@ -50,5 +64,6 @@ def export_adam(ckpt: Checkpoint, out, *, overwrite: bool = False, progress: boo
             f"Source: {ckpt.path} ({ckpt.kind}), step {ckpt.step}.\n"
             "exp_avg = (1 - beta1) * M, exp_avg_sq = (1 - beta2) * S, step = t, with M and S the window sums.\n"
             "Parameters are numbered in the order of param_names; build AdamW over model parameters in that\n"
-            "order (one group per entry) and call load_state_dict. DeepSpeed's Adam takes the same moments.\n")
+            "order (one group per entry) and call load_state_dict. DeepSpeed's Adam takes the same moments.\n"
+        )
     return Path(out)

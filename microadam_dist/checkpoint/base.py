@@ -23,8 +23,10 @@ from ..hyperparams import geometry_mismatch
 from ..state import StateLayout
 
 #: why a state of the wrong dtype or shape does not fit
-FOREIGN_STATE = ("the checkpoint belongs to another model or MicroAdam geometry (window_size, density, block_size, "
-                 "quant_bucket_size)")
+FOREIGN_STATE = (
+    "the checkpoint belongs to another model or MicroAdam geometry (window_size, density, block_size, "
+    "quant_bucket_size)"
+)
 
 
 class CheckpointError(ValueError):
@@ -39,8 +41,20 @@ def damaged(where, what: str = "the checkpoint is damaged, truncated or not one 
         yield
     except CheckpointError:
         raise
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, OSError, EOFError,
-            OverflowError, MemoryError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except (
+        KeyError,
+        IndexError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        RuntimeError,
+        OSError,
+        EOFError,
+        OverflowError,
+        MemoryError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ) as e:
         raise CheckpointError(f"{where}: {what} ({type(e).__name__}: {e})") from e
 
 
@@ -135,8 +149,11 @@ def check_compatible(ckpt: Checkpoint, shapes: dict[str, tuple], groups: dict[st
     """Raise CheckpointError naming every missing, extra or reshaped parameter, or a geometry mismatch."""
     missing = [n for n in shapes if n not in ckpt.params]
     extra = [n for n in ckpt.params if n not in shapes]
-    reshaped = [f"{n} {ckpt.params[n].shape} -> {shapes[n]}" for n in shapes
-                if n in ckpt.params and ckpt.params[n].shape != tuple(shapes[n])]
+    reshaped = [
+        f"{n} {ckpt.params[n].shape} -> {shapes[n]}"
+        for n in shapes
+        if n in ckpt.params and ckpt.params[n].shape != tuple(shapes[n])
+    ]
     problems = []
     if missing:
         problems.append(f"missing from the checkpoint: {missing}")
@@ -150,8 +167,10 @@ def check_compatible(ckpt: Checkpoint, shapes: dict[str, tuple], groups: dict[st
         saved = ckpt.groups[ckpt.params[name].group]
         key = geometry_mismatch(saved, group)
         if key is not None:
-            raise CheckpointError(f"{ckpt.path}: parameter {name!r} was saved with {key}={saved[key]!r}, this "
-                                  f"optimizer has {key}={group[key]!r}; use the same MicroAdam geometry")
+            raise CheckpointError(
+                f"{ckpt.path}: parameter {name!r} was saved with {key}={saved[key]!r}, this "
+                f"optimizer has {key}={group[key]!r}; use the same MicroAdam geometry"
+            )
 
 
 def progress_bar(iterable, total: int, desc: str, enabled: bool):

@@ -51,31 +51,39 @@ class CanonicalCheckpoint(Checkpoint):
         manifest_path = self.path / MANIFEST
         manifest, raw = read_json(manifest_path, "manifest")
         if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{manifest_path} is not a MicroAdam canonical manifest (format "
-                                  f"{manifest.get('format')!r})")
+            raise CheckpointError(
+                f"{manifest_path} is not a MicroAdam canonical manifest (format {manifest.get('format')!r})"
+            )
         version = manifest.get("version")
         if version not in (1, FORMAT_VERSION):
-            raise CheckpointError(f"{manifest_path}: format version {version!r} is not supported by this "
-                                  f"microadam_dist (versions 1 and {FORMAT_VERSION}); upgrade microadam_dist")
+            raise CheckpointError(
+                f"{manifest_path}: format version {version!r} is not supported by this "
+                f"microadam_dist (versions 1 and {FORMAT_VERSION}); upgrade microadam_dist"
+            )
         self.sealed = version >= 2  # version 1 manifests carry no digest of themselves
         if self.sealed:  # before the schema: a damaged manifest is reported as damaged, whatever changed
             check_seal(manifest_path, manifest, raw, MANIFEST_DIGEST, "manifest")
-        manifest = validated(manifest_path, record(MANIFEST_V2 if self.sealed else MANIFEST_V1), manifest,
-                             "manifest")
+        manifest = validated(manifest_path, record(MANIFEST_V2 if self.sealed else MANIFEST_V1), manifest, "manifest")
         self.manifest = manifest
         self.step = manifest["step"]
         self.world_size = manifest["world_size"]
-        self.groups = [{**HYPER_DEFAULTS, **{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}}
-                       for g in manifest["param_groups"]]  # keys added since a manifest was written: defaults
+        self.groups = [
+            {**HYPER_DEFAULTS, **{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}}
+            for g in manifest["param_groups"]
+        ]  # keys added since a manifest was written: defaults
         self.params = {}
         for name, p in manifest["params"].items():
             if p["group"] >= len(self.groups):
-                raise CheckpointError(f"{manifest_path}: parameter {name!r} is in group {p['group']}, the manifest "
-                                      f"has {len(self.groups)} groups: the manifest is corrupted")
+                raise CheckpointError(
+                    f"{manifest_path}: parameter {name!r} is in group {p['group']}, the manifest "
+                    f"has {len(self.groups)} groups: the manifest is corrupted"
+                )
             for part, fname in p["files"].items():
                 if fname not in manifest["files"]:
-                    raise CheckpointError(f"{manifest_path}: the {part} of parameter {name!r} is in {fname}, which "
-                                          "the manifest does not list: the manifest is corrupted")
+                    raise CheckpointError(
+                        f"{manifest_path}: the {part} of parameter {name!r} is in {fname}, which "
+                        "the manifest does not list: the manifest is corrupted"
+                    )
             self.params[name] = ParamEntry(name, tuple(p["shape"]), p["group"])
         for fname, info in manifest["files"].items():
             fpath = self.path / fname
@@ -84,8 +92,10 @@ class CanonicalCheckpoint(Checkpoint):
             except FileNotFoundError:
                 raise CheckpointError(f"{fpath} is missing: the checkpoint is incomplete") from None
             if size != info["bytes"]:
-                raise CheckpointError(f"{fpath} has {size} bytes, the manifest says {info['bytes']}: the file is "
-                                      "truncated or was replaced")
+                raise CheckpointError(
+                    f"{fpath} has {size} bytes, the manifest says {info['bytes']}: the file is "
+                    "truncated or was replaced"
+                )
         self._handles: dict[str, Any] = {}
         self._where = {name: p["files"] for name, p in manifest["params"].items()}
 
@@ -106,8 +116,10 @@ class CanonicalCheckpoint(Checkpoint):
             return None
         weight = self._get(fname, name)
         if weight.dtype != torch.float32:
-            raise CheckpointError(f"{self.path / fname}: weight {name!r} is {weight.dtype}, canonical weights are "
-                                  "torch.float32: the file is corrupted or was written by another tool")
+            raise CheckpointError(
+                f"{self.path / fname}: weight {name!r} is {weight.dtype}, canonical weights are "
+                "torch.float32: the file is corrupted or was written by another tool"
+            )
         return weight
 
     def state(self, name):
@@ -129,16 +141,26 @@ class CanonicalCheckpoint(Checkpoint):
     def unverified(self) -> list[str]:
         if self.sealed:
             return []
-        return [f"{self.path / MANIFEST}: unverified manifest (format version 1 records no digest of itself, so a "
-                "changed hyperparameter or name in it cannot be detected; the data files' digests are checked). "
-                "Rewrite it with `microadam-ckpt convert DIR NEW --to single` to add one"]
+        return [
+            f"{self.path / MANIFEST}: unverified manifest (format version 1 records no digest of itself, so a "
+            "changed hyperparameter or name in it cannot be detected; the data files' digests are checked). "
+            "Rewrite it with `microadam-ckpt convert DIR NEW --to single` to add one"
+        ]
 
     def close(self):
         self._handles.clear()
 
 
-def write_canonical(ckpt: Checkpoint, out, *, world_size: int | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    overwrite: bool = False, progress: bool = True, note: str | None = None) -> Path:
+def write_canonical(
+    ckpt: Checkpoint,
+    out,
+    *,
+    world_size: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: bool = True,
+    note: str | None = None,
+) -> Path:
     """Write ``ckpt`` as a canonical directory (``world_size``: the intended one, recorded only)."""
     started = time.time()
     names = list(ckpt.params)
@@ -149,8 +171,9 @@ def write_canonical(ckpt: Checkpoint, out, *, world_size: int | None = None, sha
         has_state = {name: ckpt.has_state(name) for name in names}
         weight_files = weights.plan([[(n, ckpt.params[n].shape, torch.float32)] for n in names] if has_weight else [])
         state_shapes = {n: ckpt.layout(n).row_shapes() for n in names if has_state[n]}
-        state_files = iter(states.plan([[(f"{n}/{k}", state_shapes[n][k], DTYPES[k]) for k in FIELDS]
-                                        for n in names if has_state[n]]))
+        state_files = iter(
+            states.plan([[(f"{n}/{k}", state_shapes[n][k], DTYPES[k]) for k in FIELDS] for n in names if has_state[n]])
+        )
         params = {}
         for i, name in enumerate(progress_bar(names, len(names), "canonical", progress)):
             weight, st = canonical_parameter(ckpt, name)
@@ -172,12 +195,16 @@ def write_canonical(ckpt: Checkpoint, out, *, world_size: int | None = None, sha
         weights.finish()
         states.finish()
         manifest = {
-            "format": FORMAT, "version": FORMAT_VERSION,
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "source": {"kind": ckpt.kind, "path": str(ckpt.path), "world_size": ckpt.world_size},
-            "world_size": world_size, "note": note, "step": ckpt.step,
+            "world_size": world_size,
+            "note": note,
+            "step": ckpt.step,
             "param_groups": [_jsonable(g) for g in ckpt.groups],
-            "params": params, "files": {**weights.files, **states.files},
+            "params": params,
+            "files": {**weights.files, **states.files},
         }
         write_synced(tmp / MANIFEST, sealed_json(manifest, MANIFEST_DIGEST))
     return Path(out)

@@ -52,13 +52,16 @@ class DCPCheckpoint(Checkpoint):
         try:
             self._meta = FileSystemReader(str(self.path)).read_metadata()
         except Exception as e:  # noqa: BLE001 (pickle, EOF, ...: all mean the same to the user)
-            raise CheckpointError(f"{self.path / '.metadata'} cannot be read ({type(e).__name__}: {e}): the DCP "
-                                  "checkpoint is truncated or corrupted") from e
+            raise CheckpointError(
+                f"{self.path / '.metadata'} cannot be read ({type(e).__name__}: {e}): the DCP "
+                "checkpoint is truncated or corrupted"
+            ) from e
         md = self._meta.state_dict_metadata
         self._items: dict[str, list] = {}  # data file -> [(offset, length, transformed)] of its items
         for item in self._meta.storage_data.values():
             self._items.setdefault(item.relative_path, []).append(
-                (item.offset, item.length, bool(getattr(item, "transform_descriptors", None))))
+                (item.offset, item.length, bool(getattr(item, "transform_descriptors", None)))
+            )
         for fname, items in self._items.items():
             fpath = self.path / fname
             if not fpath.is_file():
@@ -70,25 +73,31 @@ class DCPCheckpoint(Checkpoint):
         byte_keys = [k for k, v in md.items() if isinstance(v, BytesStorageMetadata)]
         group_keys = sorted({int(m.group(1)) for k in byte_keys if (m := re.match(r"optim\.param_groups\.(\d+)\.", k))})
         if not group_keys:
-            raise CheckpointError(f"{self.path} has no optimizer parameter groups (optim.param_groups.*): not a "
-                                  "checkpoint of an optimizer saved with get_state_dict")
+            raise CheckpointError(
+                f"{self.path} has no optimizer parameter groups (optim.param_groups.*): not a "
+                "checkpoint of an optimizer saved with get_state_dict"
+            )
         values = self._load({k for k in byte_keys if k.startswith("optim.param_groups.")})
         state_fields = {k.rsplit(".", 1)[1] for k in self._tensors if k.startswith("optim.state.")}
         if not set(FIELDS) & state_fields and state_fields:
-            raise CheckpointError(f"{self.path} holds the state of another optimizer (fields "
-                                  f"{sorted(state_fields)}), not MicroAdam's")
+            raise CheckpointError(
+                f"{self.path} holds the state of another optimizer (fields {sorted(state_fields)}), not MicroAdam's"
+            )
         for g in group_keys:
             group = {key: values.get(f"optim.param_groups.{g}.{key}", HYPER_DEFAULTS.get(key)) for key in HYPER_KEYS}
             missing = [key for key in GEOMETRY_KEYS if group[key] is None]
             if missing:
-                raise CheckpointError(f"{self.path} holds the state of another optimizer: its parameter group {g} "
-                                      f"has no {missing} (MicroAdam's geometry)")
+                raise CheckpointError(
+                    f"{self.path} holds the state of another optimizer: its parameter group {g} "
+                    f"has no {missing} (MicroAdam's geometry)"
+                )
             self.groups.append(group)
             for name in values[f"optim.param_groups.{g}.params"]:
                 key = f"model.{name}"
                 if key not in self._tensors:
-                    raise CheckpointError(f"{self.path}: parameter {name!r} of the optimizer has no model.{name} "
-                                          "weight")
+                    raise CheckpointError(
+                        f"{self.path}: parameter {name!r} of the optimizer has no model.{name} weight"
+                    )
                 self.params[name] = ParamEntry(name, tuple(self._tensors[key].size), g)
         meta_file = self.path / TRAIN_META
         steps = []
@@ -111,8 +120,10 @@ class DCPCheckpoint(Checkpoint):
         except (Exception, CheckpointException) as e:  # noqa: BLE001 (DCP's own is a BaseException)
             if isinstance(e, CheckpointException) and e.failures:  # the cause, without DCP's traceback text
                 e = next(iter(e.failures.values()))[0]
-            raise CheckpointError(f"{self.path}: reading {sorted(keys)[:3]} failed ({type(e).__name__}: {e}): the "
-                                  "DCP checkpoint is truncated or corrupted") from e
+            raise CheckpointError(
+                f"{self.path}: reading {sorted(keys)[:3]} failed ({type(e).__name__}: {e}): the "
+                "DCP checkpoint is truncated or corrupted"
+            ) from e
         return {key: _lookup(flat, key) for key in keys}
 
     def has_state(self, name):
@@ -132,8 +143,9 @@ class DCPCheckpoint(Checkpoint):
         for fname, items in sorted(self._items.items()):
             fpath, end = self.path / fname, max(o + n for o, n, _ in items)
             if fpath.stat().st_size != end:
-                problems.append(f"{fpath} has {fpath.stat().st_size - end} bytes after its last item (appended or "
-                                "overwritten)")
+                problems.append(
+                    f"{fpath} has {fpath.stat().st_size - end} bytes after its last item (appended or overwritten)"
+                )
             with open(fpath, "rb") as f:  # every item is a torch.save archive: check its CRC-32s
                 for offset, length, transformed in items:
                     if not transformed:
@@ -145,8 +157,10 @@ class DCPCheckpoint(Checkpoint):
     def unverified(self) -> list[str]:
         if self._digests is not None:
             return []
-        return [f"{self.path}: no {DIGESTS} (not written by microadam_dist, or by a version before digests): the "
-                "data items' CRC-32s were checked, but .metadata and the files' layout have no checksum"]
+        return [
+            f"{self.path}: no {DIGESTS} (not written by microadam_dist, or by a version before digests): the "
+            "data items' CRC-32s were checked, but .metadata and the files' layout have no checksum"
+        ]
 
     def state(self, name):
         keys = {f"optim.state.{name}.{key}" for key in FIELDS}
@@ -156,8 +170,9 @@ class DCPCheckpoint(Checkpoint):
         with damaged(self.path, "the DCP checkpoint is damaged"):
             values = self._load(present)
             # a missing field is left out: the state check names it; FSDP2 exports window indices as int32
-            return narrow_indices({key: values[f"optim.state.{name}.{key}"] for key in FIELDS
-                                   if f"optim.state.{name}.{key}" in values})
+            return narrow_indices(
+                {key: values[f"optim.state.{name}.{key}"] for key in FIELDS if f"optim.state.{name}.{key}" in values}
+            )
 
 
 def _lookup(nested: Any, key: str) -> Any:
@@ -200,13 +215,19 @@ def write_dcp(ckpt: Checkpoint, out, *, overwrite: bool = False, progress: bool 
             loaders[f"optim.state.{name}.{key}"] = (name, key)
     param_groups = []
     for g, group in enumerate(ckpt.groups):
-        param_groups.append({**{key: (tuple(group[key]) if key == "betas" else group[key]) for key in HYPER_KEYS},
-                             "params": [n for n, e in ckpt.params.items() if e.group == g]})
+        param_groups.append(
+            {
+                **{key: (tuple(group[key]) if key == "betas" else group[key]) for key in HYPER_KEYS},
+                "params": [n for n, e in ckpt.params.items() if e.group == g],
+            }
+        )
     nested = {"model": model, "optim": {"state": optim_state, "param_groups": param_groups}}
     missing_state = [n for n in ckpt.params if not ckpt.has_state(n)]
     if missing_state:
-        raise CheckpointError(f"{ckpt.path}: parameters {missing_state[:5]} have no optimizer state yet (saved "
-                              "before the first step); DCP needs it: take a step first")
+        raise CheckpointError(
+            f"{ckpt.path}: parameters {missing_state[:5]} have no optimizer state yet (saved "
+            "before the first step); DCP needs it: take a step first"
+        )
     bar = progress_bar(None, len(loaders), "dcp", progress)
     cache: dict[str, tuple] = {}
 
@@ -229,8 +250,12 @@ def write_dcp(ckpt: Checkpoint, out, *, overwrite: bool = False, progress: bool 
 
     with atomic_directory(out, overwrite) as tmp:
         # a file per tensor: DCP keeps every tensor of a file in memory until the file is closed
-        dcp.save(nested, storage_writer=dcp.FileSystemWriter(str(tmp), thread_count=1, single_file_per_rank=False),
-                 planner=LazyPlanner(), no_dist=True)
+        dcp.save(
+            nested,
+            storage_writer=dcp.FileSystemWriter(str(tmp), thread_count=1, single_file_per_rank=False),
+            planner=LazyPlanner(),
+            no_dist=True,
+        )
         seal(tmp, {"step": ckpt.step or 0, "losses": [], "history": [], "converted_from": str(ckpt.path)})
     bar.close()
     return Path(out)

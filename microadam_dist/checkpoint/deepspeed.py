@@ -47,13 +47,17 @@ class DeepSpeedCheckpoint(Checkpoint):
             tag = (self.path / "latest").read_text().strip()
             tag_dir = self.path / tag
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", tag) or not tag_dir.is_dir():
-                raise CheckpointError(f"{self.path / 'latest'} names the tag {tag!r}, which is not a directory in "
-                                      f"{self.path}: the file is damaged or the tag directory is missing")
+                raise CheckpointError(
+                    f"{self.path / 'latest'} names the tag {tag!r}, which is not a directory in "
+                    f"{self.path}: the file is damaged or the tag directory is missing"
+                )
         self.tag_dir = tag_dir
         files = {int(m.group(1)): tag_dir / f for f in os.listdir(tag_dir) if (m := RANK_FILE.match(f))}
         if not files:
-            raise CheckpointError(f"{tag_dir} holds no ZeRO optimizer files (*zero_pp_rank_*_optim_states.pt): "
-                                  "not a DeepSpeed ZeRO-1/2/3 checkpoint")
+            raise CheckpointError(
+                f"{tag_dir} holds no ZeRO optimizer files (*zero_pp_rank_*_optim_states.pt): "
+                "not a DeepSpeed ZeRO-1/2/3 checkpoint"
+            )
         self.world_size = max(files) + 1
         first = self.load_rank_file(files[min(files)])
         partitions = first[1].get("partitions", {}) if first[1] else {}
@@ -61,8 +65,9 @@ class DeepSpeedCheckpoint(Checkpoint):
             self.world_size = max(self.world_size, *(int(info["world_size"]) for info in partitions.values()))
         missing = sorted(set(range(self.world_size)) - set(files))
         if missing:
-            raise CheckpointError(f"{tag_dir}: the optimizer files of ranks {missing} are missing: the checkpoint "
-                                  "is incomplete")
+            raise CheckpointError(
+                f"{tag_dir}: the optimizer files of ranks {missing} are missing: the checkpoint is incomplete"
+            )
         self._slices: dict[str, list[tuple[int, int, ZeroSlice]]] = {}  # name -> [(rank, partition, slice)]
         self._ranks = []  # per rank: (its MicroAdam state per partition, its fp32 partitions)
         self._partitions: list[dict[int, tuple]] = []  # per rank: partition -> (slices, names) by offset
@@ -70,8 +75,9 @@ class DeepSpeedCheckpoint(Checkpoint):
         for rank in range(self.world_size):
             base, layout, flats = first if rank == min(files) else self.load_rank_file(files[rank])
             if rank == 0:
-                self.groups = [{key: g.get(key, HYPER_DEFAULTS.get(key)) for key in HYPER_KEYS}
-                               for g in base["param_groups"]]
+                self.groups = [
+                    {key: g.get(key, HYPER_DEFAULTS.get(key)) for key in HYPER_KEYS} for g in base["param_groups"]
+                ]
                 for gi, g in enumerate(base["param_groups"]):
                     for index in g["params"]:
                         group_of_index[index] = gi
@@ -79,13 +85,17 @@ class DeepSpeedCheckpoint(Checkpoint):
             self._partitions.append({})
             for index, info in layout["partitions"].items():
                 if info["world_size"] != self.world_size or info["rank"] != rank:
-                    raise CheckpointError(f"{files[rank]} was written by rank {info['rank']} of "
-                                          f"{info['world_size']}, but sits among {self.world_size} rank files")
+                    raise CheckpointError(
+                        f"{files[rank]} was written by rank {info['rank']} of "
+                        f"{info['world_size']}, but sits among {self.world_size} rank files"
+                    )
                 slices, names = saved_slices(info), list(info["names"])
                 for zslice, name in zip(slices, names):
                     if name is None:
-                        raise CheckpointError(f"{files[rank]}: parameter names were not recorded (MicroAdam was "
-                                              "given to DeepSpeed without attach(engine)); cannot map the state")
+                        raise CheckpointError(
+                            f"{files[rank]}: parameter names were not recorded (MicroAdam was "
+                            "given to DeepSpeed without attach(engine)); cannot map the state"
+                        )
                     if name not in self.params:
                         self.params[name] = ParamEntry(name, zslice.shape, group_of_index[int(index)])
                     self._slices.setdefault(name, []).append((rank, int(index), zslice))
@@ -99,14 +109,17 @@ class DeepSpeedCheckpoint(Checkpoint):
             models = [tag_dir / RANK_MODEL_STATES.format(rank=r) for r in range(self.world_size)]
             lost = [m.name for m in models if not m.exists()]
             if lost:
-                raise CheckpointError(f"{tag_dir}: the model states {lost[:3]} are missing ({MODEL_STATES}, or one "
-                                      "per rank under ZeRO-3): the checkpoint is incomplete")
+                raise CheckpointError(
+                    f"{tag_dir}: the model states {lost[:3]} are missing ({MODEL_STATES}, or one "
+                    "per rank under ZeRO-3): the checkpoint is incomplete"
+                )
         self._files = [*files.values(), *models]
         try:
             model_sd = torch.load(models[0], map_location="cpu", mmap=True, weights_only=False)
         except Exception as e:  # noqa: BLE001 (zip, pickle, EOF: all mean the same to the user)
-            raise CheckpointError(f"{models[0]} cannot be loaded ({type(e).__name__}: {e}): the file is truncated "
-                                  "or corrupted") from e
+            raise CheckpointError(
+                f"{models[0]} cannot be loaded ({type(e).__name__}: {e}): the file is truncated or corrupted"
+            ) from e
         step = model_sd.get("global_steps")
         if not (step is None or (isinstance(step, int) and step >= 0)):
             raise CheckpointError(f"{models[0]}: global_steps is {step!r}: the file is corrupted")
@@ -131,9 +144,11 @@ class DeepSpeedCheckpoint(Checkpoint):
     def unverified(self) -> list[str]:
         if self._digests is not None:
             return []
-        return [f"{self.path}: no {DIGESTS} (saved by DeepSpeed directly, not through microadam_dist.train): every "
-                "record's CRC-32 was checked, but bytes outside the records (zip headers, padding, appended data) and "
-                "the tag in 'latest' have no checksum"]
+        return [
+            f"{self.path}: no {DIGESTS} (saved by DeepSpeed directly, not through microadam_dist.train): every "
+            "record's CRC-32 was checked, but bytes outside the records (zip headers, padding, appended data) and "
+            "the tag in 'latest' have no checksum"
+        ]
 
     @staticmethod
     def load_rank_file(path: Path):
@@ -141,20 +156,25 @@ class DeepSpeedCheckpoint(Checkpoint):
         try:
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {e}): the file is truncated or "
-                                  "corrupted") from e
+            raise CheckpointError(
+                f"{path} cannot be loaded ({type(e).__name__}: {e}): the file is truncated or corrupted"
+            ) from e
         osd = sd.get("optimizer_state_dict", {})
         base = osd.get("base_optimizer_state", osd.get("optimizer_state_dict"))
         flats = osd.get("single_partition_of_fp32_groups", osd.get("fp32_flat_groups"))
         if not isinstance(base, dict) or flats is None:
-            raise CheckpointError(f"{path} is not a ZeRO-1/2/3 optimizer file this tool knows (no base optimizer "
-                                  "state or fp32 partitions); DeepSpeed's bf16 optimizer without ZeRO is not supported")
+            raise CheckpointError(
+                f"{path} is not a ZeRO-1/2/3 optimizer file this tool knows (no base optimizer "
+                "state or fp32 partitions); DeepSpeed's bf16 optimizer without ZeRO is not supported"
+            )
         layout = base.get(LAYOUT_KEY)
         if layout is None:
             groups = base.get("param_groups", [{}])
-            raise CheckpointError(f"{path} holds no MicroAdam state (optimizer hyperparameters "
-                                  f"{sorted(k for k in groups[0] if k != 'params')}): it was saved with another "
-                                  "optimizer")
+            raise CheckpointError(
+                f"{path} holds no MicroAdam state (optimizer hyperparameters "
+                f"{sorted(k for k in groups[0] if k != 'params')}): it was saved with another "
+                "optimizer"
+            )
         return base, layout, flats
 
     def _partition_state(self, rank: int, index: int) -> list | None:
@@ -183,11 +203,12 @@ class DeepSpeedCheckpoint(Checkpoint):
         covered = 0
         for rank, index, zslice in self._slices[name]:
             start, numel, offset = zslice.start, zslice.numel, zslice.offset
-            out[start:start + numel] = self._ranks[rank][1][index][offset:offset + numel]
+            out[start : start + numel] = self._ranks[rank][1][index][offset : offset + numel]
             covered += numel
         if covered != out.numel():
-            raise CheckpointError(f"{self.tag_dir}: parameter {name!r}: the rank files hold {covered} of its "
-                                  f"{out.numel()} elements")
+            raise CheckpointError(
+                f"{self.tag_dir}: parameter {name!r}: the rank files hold {covered} of its {out.numel()} elements"
+            )
         return out.view(entry.shape)
 
     def state(self, name):

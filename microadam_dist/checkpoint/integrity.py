@@ -66,13 +66,17 @@ def read_digests(directory: Path) -> dict | None:
     if not path.exists():
         meta_path = directory / TRAIN_META
         if meta_path.exists() and "digests" in train_meta(meta_path):
-            raise CheckpointError(f"{path} is missing, but {meta_path} records that the checkpoint was sealed with "
-                                  "it: the checkpoint is damaged or incomplete")
+            raise CheckpointError(
+                f"{path} is missing, but {meta_path} records that the checkpoint was sealed with "
+                "it: the checkpoint is damaged or incomplete"
+            )
         return None
     data, raw = read_json(path, "digest file")
     if data.get("format") != DIGESTS_FORMAT or data.get("version") != 1:
-        raise CheckpointError(f"{path} is not a microadam_dist digest file this version knows (format "
-                              f"{data.get('format')!r}, version {data.get('version')!r})")
+        raise CheckpointError(
+            f"{path} is not a microadam_dist digest file this version knows (format "
+            f"{data.get('format')!r}, version {data.get('version')!r})"
+        )
     check_seal(path, data, raw, "digests_sha256", "digest file")
     files = validated(path, DIGESTS_SCHEMA, data, "digests")["files"]
     for rel, info in files.items():
@@ -82,8 +86,9 @@ def read_digests(directory: Path) -> dict | None:
             raise CheckpointError(f"{f} is missing: the checkpoint is incomplete (it is listed in {path})")
         size = f.stat().st_size
         if size != info["bytes"]:
-            raise CheckpointError(f"{f} has {size} bytes, {path} says {info['bytes']}: the file is truncated, "
-                                  "extended or was replaced")
+            raise CheckpointError(
+                f"{f} has {size} bytes, {path} says {info['bytes']}: the file is truncated, extended or was replaced"
+            )
         if size <= _SMALL_FILE and sha256_of(f) != info["sha256"]:
             raise CheckpointError(f"{f}: SHA-256 differs from {path}: the file is corrupted")
     return files
@@ -142,7 +147,16 @@ def zip_problem(fileobj) -> str | None:
     try:
         with zipfile.ZipFile(fileobj) as z:
             bad = z.testzip()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError,
-            RuntimeError, OverflowError) as e:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        ValueError,
+        EOFError,
+        KeyError,
+        NotImplementedError,
+        RuntimeError,
+        OverflowError,
+    ) as e:
         return f"not a readable torch.save archive ({type(e).__name__}: {e})"
     return None if bad is None else f"record {bad!r} fails its CRC-32 (corrupted)"

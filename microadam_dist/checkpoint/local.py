@@ -32,8 +32,10 @@ class _LiveCheckpoint(Checkpoint):
     def __init__(self, model, opt):
         super().__init__(Path("<memory>"))
         self._params, group_of = _named(model, opt)
-        self.groups = [{k: (tuple(g[k]) if k == "betas" else g.get(k, HYPER_DEFAULTS.get(k))) for k in HYPER_KEYS}
-                       for g in opt.param_groups]
+        self.groups = [
+            {k: (tuple(g[k]) if k == "betas" else g.get(k, HYPER_DEFAULTS.get(k))) for k in HYPER_KEYS}
+            for g in opt.param_groups
+        ]
         self.params = {n: ParamEntry(n, tuple(p.shape), group_of[id(p)]) for n, p in self._params.items()}
         self._opt = opt
         self.world_size = 1
@@ -67,8 +69,11 @@ def load(model, opt, path, *, progress: bool = False) -> Checkpoint:
     """
     ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     params, group_of = _named(model, opt)
-    check_compatible(ckpt, {n: tuple(p.shape) for n, p in params.items()},
-                     {n: opt.param_groups[group_of[id(p)]] for n, p in params.items()})
+    check_compatible(
+        ckpt,
+        {n: tuple(p.shape) for n, p in params.items()},
+        {n: opt.param_groups[group_of[id(p)]] for n, p in params.items()},
+    )
     loaded = {}
     for name in progress_bar(params, len(params), "load", progress):  # read everything before touching the model
         loaded[name] = canonical_parameter(ckpt, name)

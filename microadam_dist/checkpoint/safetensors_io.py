@@ -20,8 +20,16 @@ import torch
 from .base import CheckpointError
 from .schema import SchemaError, integer, list_of, mapping, no_duplicate_keys, optional, record, string, validated
 
-ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int16: "I16", torch.uint8: "U8",
-             torch.int64: "I64", torch.float16: "F16", torch.int32: "I32", torch.float64: "F64"}
+ST_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.int16: "I16",
+    torch.uint8: "U8",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.int32: "I32",
+    torch.float64: "F64",
+}
 ST_FROM = {v: k for k, v in ST_DTYPES.items()}
 
 
@@ -31,8 +39,9 @@ def byte_view(t: torch.Tensor):
 
 def _entry(v, where):
     """One tensor of a header: a known dtype, a shape, and exactly the bytes they need."""
-    entry = record({"dtype": string("|".join(ST_FROM)), "shape": list_of(integer(0)),
-                    "data_offsets": list_of(integer(0), 2)})(v, where)
+    entry = record(
+        {"dtype": string("|".join(ST_FROM)), "shape": list_of(integer(0)), "data_offsets": list_of(integer(0), 2)}
+    )(v, where)
     begin, end = entry["data_offsets"]
     if end < begin or (end - begin) != math.prod(entry["shape"]) * ST_FROM[entry["dtype"]].itemsize:
         raise SchemaError(f"{where} has {end - begin} bytes for {entry['dtype']} {entry['shape']}")
@@ -99,8 +108,9 @@ class ShardWriter:
             if not self.layout or (self.layout[-1] and size + nbytes > self.limit):
                 self.layout.append([])
                 size = 0
-            self.layout[-1].extend((key, shape, dtype, math.prod(shape) * dtype.itemsize)
-                                   for key, shape, dtype in group)
+            self.layout[-1].extend(
+                (key, shape, dtype, math.prod(shape) * dtype.itemsize) for key, shape, dtype in group
+            )
             size += nbytes
             names.append(self._name(len(self.layout) - 1))
         return names
@@ -131,8 +141,9 @@ class ShardWriter:
             self._open_next()
         want_key, shape, dtype, _ = self.layout[self._index][self._pos]
         if key != want_key or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            raise CheckpointError(f"internal: expected {want_key} {tuple(shape)} {dtype}, got {key} "
-                                  f"{tuple(tensor.shape)} {tensor.dtype}")
+            raise CheckpointError(
+                f"internal: expected {want_key} {tuple(shape)} {dtype}, got {key} {tuple(tensor.shape)} {tensor.dtype}"
+            )
         if tensor.numel():
             self._emit(memoryview(byte_view(tensor.detach().cpu().contiguous())))
         self._pos += 1

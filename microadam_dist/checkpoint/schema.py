@@ -62,13 +62,19 @@ def read_json(path: Path, what: str) -> tuple[dict, bytes]:
 def check_seal(path: Path, data: dict, raw: bytes, key: str, what: str) -> None:
     digest = data.get(key)
     if not isinstance(digest, str) or not re.fullmatch(HEX64, digest):
-        raise CheckpointError(f"{path} has no valid {key!r} (the SHA-256 of itself, written last): the {what} is "
-                              "corrupted or was cut short")
+        raise CheckpointError(
+            f"{path} has no valid {key!r} (the SHA-256 of itself, written last): the {what} is "
+            "corrupted or was cut short"
+        )
     needle = f'"{key}": "{digest}"'.encode()
-    if raw.count(needle) != 1 or \
-            hashlib.sha256(raw.replace(needle, f'"{key}": "{ZERO_DIGEST}"'.encode())).hexdigest() != digest:
-        raise CheckpointError(f"{path} was changed after it was written (its SHA-256 differs from the {key} it "
-                              f"records): the {what} is corrupted")
+    if (
+        raw.count(needle) != 1
+        or hashlib.sha256(raw.replace(needle, f'"{key}": "{ZERO_DIGEST}"'.encode())).hexdigest() != digest
+    ):
+        raise CheckpointError(
+            f"{path} was changed after it was written (its SHA-256 differs from the {key} it "
+            f"records): the {what} is corrupted"
+        )
 
 
 # ---- schemas: each a function (value, where) -> value that raises SchemaError --------------------------
@@ -83,6 +89,7 @@ def integer(lo: int | None = None):
         if lo is not None and v < lo:
             raise SchemaError(f"{where} is {v}, expected at least {lo}")
         return v
+
     return check
 
 
@@ -97,6 +104,7 @@ def string(pattern: str | None = None):
         if not isinstance(v, str) or (pattern is not None and not re.fullmatch(pattern, v)):
             raise SchemaError(f"{where} is {v!r}, expected a string" + (f" matching {pattern}" if pattern else ""))
         return v
+
     return check
 
 
@@ -109,6 +117,7 @@ def list_of(spec, length: int | None = None):
         if not isinstance(v, list) or (length is not None and len(v) != length):
             raise SchemaError(f"{where} is {v!r}, expected a list" + (f" of {length}" if length is not None else ""))
         return [spec(x, f"{where}[{i}]") for i, x in enumerate(v)]
+
     return check
 
 
@@ -127,6 +136,7 @@ def record(required: dict, allowed: dict | None = None):
         if unknown:
             raise SchemaError(f"{where} has an unexpected key {unknown[0]!r}")
         return {k: (required.get(k) or allowed[k])(x, f"{where}.{k}") for k, x in v.items()}
+
     return check
 
 
@@ -138,16 +148,26 @@ def mapping(value_spec, key_pattern: str = r".+"):
             if not re.fullmatch(key_pattern, k):
                 raise SchemaError(f"{where} has a key {k!r} that is not a valid name ({key_pattern})")
         return {k: value_spec(x, f"{where}[{k!r}]") for k, x in v.items()}
+
     return check
 
 
 def hyperparameters(v, where):
     """A parameter group: MicroAdam's hyperparameters, checked by the optimizer's own rules."""
     base = ("lr", "betas", "eps", "weight_decay", *GEOMETRY_KEYS)
-    group = record({"lr": number, "betas": list_of(number, 2), "eps": number, "weight_decay": number,
-                    "window_size": integer(1), "density": number, "block_size": integer(1),
-                    "quant_bucket_size": integer(1)},
-                   {k: number for k in (*HYPER_KEYS, "alpha") if k not in base})(v, where)
+    group = record(
+        {
+            "lr": number,
+            "betas": list_of(number, 2),
+            "eps": number,
+            "weight_decay": number,
+            "window_size": integer(1),
+            "density": number,
+            "block_size": integer(1),
+            "quant_bucket_size": integer(1),
+        },
+        {k: number for k in (*HYPER_KEYS, "alpha") if k not in base},
+    )(v, where)
     try:
         validate_hyperparameters(group)
     except (ValueError, KeyError) as e:
@@ -174,16 +194,32 @@ def validated(path: Path, spec, value, what: str):
 # ---- the canonical manifest and the digest file --------------------------------------------------------
 FILE_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors"  # a plain name inside the directory
 MANIFEST_V1 = {
-    "format": string(), "version": integer(), "created": optional(string()),
+    "format": string(),
+    "version": integer(),
+    "created": optional(string()),
     "source": optional(record({"kind": string(), "path": string(), "world_size": optional(integer(1))})),
-    "world_size": optional(integer(1)), "note": optional(string()), "step": optional(integer(0)),
+    "world_size": optional(integer(1)),
+    "note": optional(string()),
+    "step": optional(integer(0)),
     "param_groups": list_of(hyperparameters),
-    "params": mapping(record({"shape": list_of(integer(0)), "group": integer(0),
-                              "files": record({}, {"weight": string(FILE_NAME), "state": string(FILE_NAME)})})),
+    "params": mapping(
+        record(
+            {
+                "shape": list_of(integer(0)),
+                "group": integer(0),
+                "files": record({}, {"weight": string(FILE_NAME), "state": string(FILE_NAME)}),
+            }
+        )
+    ),
     "files": mapping(record({"bytes": integer(0), "sha256": string(HEX64)}), FILE_NAME),
 }
 MANIFEST_V2 = {**MANIFEST_V1, MANIFEST_DIGEST: string(HEX64)}
 
-DIGESTS_SCHEMA = record({"format": string(), "version": integer(),
-                         "files": mapping(record({"bytes": integer(0), "sha256": string(HEX64)})),
-                         "digests_sha256": string(HEX64)})
+DIGESTS_SCHEMA = record(
+    {
+        "format": string(),
+        "version": integer(),
+        "files": mapping(record({"bytes": integer(0), "sha256": string(HEX64)})),
+        "digests_sha256": string(HEX64),
+    }
+)

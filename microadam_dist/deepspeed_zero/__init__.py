@@ -60,9 +60,11 @@ def register_with_torch_optim(strict: bool = True) -> bool:
         return True
     if isinstance(existing, type) and issubclass(existing, MicroAdam):
         return True
-    message = (f"torch.optim.MicroAdam is already {existing!r}, not microadam_dist's: a DeepSpeed config's "
-               "\"type\": \"MicroAdam\" builds that one; pass microadam_dist.deepspeed_zero.DeepSpeedMicroAdam "
-               "to deepspeed.initialize(optimizer=...) or use microadam_dist.deepspeed_zero.initialize")
+    message = (
+        f"torch.optim.MicroAdam is already {existing!r}, not microadam_dist's: a DeepSpeed config's "
+        '"type": "MicroAdam" builds that one; pass microadam_dist.deepspeed_zero.DeepSpeedMicroAdam '
+        "to deepspeed.initialize(optimizer=...) or use microadam_dist.deepspeed_zero.initialize"
+    )
     if strict:
         raise RuntimeError(message)
     warnings.warn(message, RuntimeWarning, stacklevel=2)
@@ -116,6 +118,16 @@ def initialize(model, config, model_parameters=None, deepspeed_kwargs: dict | No
     return out
 
 
-__all__ = ["DeepSpeedMicroAdam", "MicroAdamCheckpointError", "ZeroEngine", "attach", "gather_canonical_state",
-           "initialize", "load_canonical", "load_checkpoint", "load_config", "register_with_torch_optim",
-           "skip_cpu_shm_build"]
+__all__ = [
+    "DeepSpeedMicroAdam",
+    "MicroAdamCheckpointError",
+    "ZeroEngine",
+    "attach",
+    "gather_canonical_state",
+    "initialize",
+    "load_canonical",
+    "load_checkpoint",
+    "load_config",
+    "register_with_torch_optim",
+    "skip_cpu_shm_build",
+]

@@ -40,12 +40,14 @@ class MicroAdamCheckpointError(RuntimeError):
 
 
 def reshard_hint(what: str) -> str:
-    return (f"{what}. MicroAdam's ZeRO checkpoints hold each rank's partition of the optimizer state, "
-            "which the ZeRO optimizer's own load_state_dict restores only at the data-parallel size and "
-            "partitioning they were saved with; load it with engine.load_checkpoint(DIR) on an engine whose "
-            "MicroAdam is attached (the JSON config or microadam_dist.deepspeed_zero.initialize/attach) or "
-            "microadam_dist.deepspeed_zero.load_checkpoint(engine, DIR), which rebuild the world-size-free "
-            f"state and cut it for this run (any world size, any ZeRO stage), or convert it with `{CONVERSION_TOOL}`")
+    return (
+        f"{what}. MicroAdam's ZeRO checkpoints hold each rank's partition of the optimizer state, "
+        "which the ZeRO optimizer's own load_state_dict restores only at the data-parallel size and "
+        "partitioning they were saved with; load it with engine.load_checkpoint(DIR) on an engine whose "
+        "MicroAdam is attached (the JSON config or microadam_dist.deepspeed_zero.initialize/attach) or "
+        "microadam_dist.deepspeed_zero.load_checkpoint(engine, DIR), which rebuild the world-size-free "
+        f"state and cut it for this run (any world size, any ZeRO stage), or convert it with `{CONVERSION_TOOL}`"
+    )
 
 
 # ---- the layout of one partition -------------------------------------------------------------------
@@ -66,10 +68,17 @@ class Partition:
 
     def segments(self, group: dict) -> list[Segment]:
         flat, grad = self.flat, self.flat.grad
-        return [Segment(key=s.key, geometry=geometry_of(s.shape, group), start=s.start,
-                        param=flat.data[s.offset:s.offset + s.numel],
-                        grad=None if grad is None else grad.view(-1)[s.offset:s.offset + s.numel], group=group)
-                for s in self.slices]
+        return [
+            Segment(
+                key=s.key,
+                geometry=geometry_of(s.shape, group),
+                start=s.start,
+                param=flat.data[s.offset : s.offset + s.numel],
+                grad=None if grad is None else grad.view(-1)[s.offset : s.offset + s.numel],
+                group=group,
+            )
+            for s in self.slices
+        ]
 
 
 def _round_robin_offsets(zero, i) -> list[int]:
@@ -136,8 +145,10 @@ def list_partitions(zero, kind: str, names: dict) -> list[Partition]:
                     names_i.append(names.get(id(p)))
                 offset += size
             if offset != flat.numel():
-                raise RuntimeError(f"ZeRO-3 sub group {i}: the fp32 partition has {flat.numel()} elements, "
-                                   f"its parameters' partitions {offset}")
+                raise RuntimeError(
+                    f"ZeRO-3 sub group {i}: the fp32 partition has {flat.numel()} elements, "
+                    f"its parameters' partitions {offset}"
+                )
             out.append(Partition(flat, pg, slices, names_i, rank, world))
     return out
 
@@ -171,10 +182,12 @@ class ZeroEngine:
         if kind is None:
             raise TypeError(f"{type(zero).__name__} is not a DeepSpeed ZeRO optimizer")
         if getattr(zero, "elastic_checkpoint", False):
-            raise ValueError("MicroAdam does not support \"elastic_checkpoint\": true (DeepSpeed would slice "
-                             "its state as if it were Adam's); set it to false")
+            raise ValueError(
+                'MicroAdam does not support "elastic_checkpoint": true (DeepSpeed would slice '
+                "its state as if it were Adam's); set it to false"
+            )
         if getattr(zero, "swap_optimizer", False):
-            raise ValueError("MicroAdam does not support optimizer offload to NVMe; offload to \"cpu\" instead")
+            raise ValueError('MicroAdam does not support optimizer offload to NVMe; offload to "cpu" instead')
         ds_engine = self.ds_engine
         names = {}
         if ds_engine is not None and getattr(ds_engine, "param_names", None):
@@ -208,8 +221,10 @@ class ZeroEngine:
     def _partition(self, p) -> Partition:
         part = self.partitions.get(id(p))
         if part is None:
-            raise RuntimeError("MicroAdam was handed a tensor that is none of DeepSpeed's ZeRO partitions; "
-                               "was the ZeRO optimizer rebuilt after attach()?")
+            raise RuntimeError(
+                "MicroAdam was handed a tensor that is none of DeepSpeed's ZeRO partitions; "
+                "was the ZeRO optimizer rebuilt after attach()?"
+            )
         return part
 
     # -- the Engine protocol -----------------------------------------------------------------------
@@ -227,9 +242,17 @@ class ZeroEngine:
             # zero-gradient first step only creates state, as for unsharded parameters), then packed.
             views = dict(zip((s.key for s in segs), packed_views(part.layouts(group), packed))) if packed else {}
             finish = None if packed else self._packer(optimizer, part, group, views)
-            works.append(StepWork(key=id(part.flat), process_group=part.process_group, local=False, segments=segs,
-                                  states=views, finish=finish,
-                                  describe=lambda key: f"parameter {key[1]} of DeepSpeed group {key[0]}"))
+            works.append(
+                StepWork(
+                    key=id(part.flat),
+                    process_group=part.process_group,
+                    local=False,
+                    segments=segs,
+                    states=views,
+                    finish=finish,
+                    describe=lambda key: f"parameter {key[1]} of DeepSpeed group {key[0]}",
+                )
+            )
         return works
 
     @staticmethod
@@ -241,6 +264,7 @@ class ZeroEngine:
             for s, view in zip(part.slices, packed_views(layouts, packed)):
                 for name, value in fresh.get(s.key, {}).items():  # none for a parameter skipped (non-finite)
                     view[name].copy_(value)
+
         return pack
 
     def _indexed(self, opt):
@@ -267,42 +291,66 @@ class ZeroEngine:
         saved_layout = sd.get(LAYOUT_KEY)
         if self.resolve(optimizer) is None:
             if saved_layout is not None:
-                raise MicroAdamCheckpointError(reshard_hint(
-                    "this optimizer state was saved by MicroAdam under DeepSpeed ZeRO and is being loaded "
-                    "without ZeRO partitions"))
+                raise MicroAdamCheckpointError(
+                    reshard_hint(
+                        "this optimizer state was saved by MicroAdam under DeepSpeed ZeRO and is being loaded "
+                        "without ZeRO partitions"
+                    )
+                )
             return PARAMS.load_state_dict(optimizer, sd)
         if saved_layout is None:
-            raise MicroAdamCheckpointError(reshard_hint(
-                "this optimizer state has no ZeRO layout: it was not saved by MicroAdam under DeepSpeed ZeRO "
-                "(a canonical, unsharded state_dict?)"))
+            raise MicroAdamCheckpointError(
+                reshard_hint(
+                    "this optimizer state has no ZeRO layout: it was not saved by MicroAdam under DeepSpeed ZeRO "
+                    "(a canonical, unsharded state_dict?)"
+                )
+            )
         groups = sd.get("param_groups", [])
         if len(groups) != len(optimizer.param_groups):
-            raise MicroAdamCheckpointError(reshard_hint(
-                f"the checkpoint has {len(groups)} parameter groups, this optimizer {len(optimizer.param_groups)}"))
+            raise MicroAdamCheckpointError(
+                reshard_hint(
+                    f"the checkpoint has {len(groups)} parameter groups, this optimizer {len(optimizer.param_groups)}"
+                )
+            )
         check_same_geometry(groups, optimizer.param_groups)
         for i, (saved, group) in enumerate(zip(groups, optimizer.param_groups)):
             if len(saved["params"]) != len(group["params"]):
-                raise MicroAdamCheckpointError(reshard_hint(
-                    f"parameter group {i}: the checkpoint has {len(saved['params'])} partitions, this "
-                    f"optimizer {len(group['params'])}"))
+                raise MicroAdamCheckpointError(
+                    reshard_hint(
+                        f"parameter group {i}: the checkpoint has {len(saved['params'])} partitions, this "
+                        f"optimizer {len(group['params'])}"
+                    )
+                )
         saved_parts = saved_layout["partitions"]
         loaded = {}
         for index, part, group in self._indexed(optimizer):
             info = saved_parts.get(index)
             if info is None or info["world_size"] != part.world or info["rank"] != part.rank:
                 got = "none" if info is None else f"rank {info['rank']} of {info['world_size']}"
-                raise MicroAdamCheckpointError(reshard_hint(
-                    f"partition {index}: the checkpoint was saved by {got}, this is rank {part.rank} of {part.world}"))
+                raise MicroAdamCheckpointError(
+                    reshard_hint(
+                        f"partition {index}: the checkpoint was saved by {got}, "
+                        f"this is rank {part.rank} of {part.world}"
+                    )
+                )
             if not same_partition(info, part.rank, part.world, part.slices):
-                raise MicroAdamCheckpointError(reshard_hint(
-                    f"partition {index}: the checkpoint's parameter slices differ from this run's (another "
-                    "model, parameter grouping or ZeRO configuration)"))
+                raise MicroAdamCheckpointError(
+                    reshard_hint(
+                        f"partition {index}: the checkpoint's parameter slices differ from this run's (another "
+                        "model, parameter grouping or ZeRO configuration)"
+                    )
+                )
             st = sd["state"].get(index)
             if st is None:
                 continue
             shapes = packed_shapes(part.layouts(group))
-            StateLayout.check_shapes(st, shapes, f"partition {index}", error=MicroAdamCheckpointError,
-                                     hint=reshard_hint("saved at another world size or layout"))
+            StateLayout.check_shapes(
+                st,
+                shapes,
+                f"partition {index}",
+                error=MicroAdamCheckpointError,
+                hint=reshard_hint("saved at another world size or layout"),
+            )
             loaded[part.flat] = {k: st[k].to("cpu" if k == "step" else part.flat.device, copy=True) for k in shapes}
         install(optimizer, {k: v for k, v in sd.items() if k != LAYOUT_KEY}, loaded)
 
@@ -326,8 +374,10 @@ def zero_engine_of(optimizer) -> ZeroEngine:
     """The ZeroEngine of a MicroAdam stepping ZeRO partitions; ValueError otherwise."""
     engine = getattr(optimizer, "engine", None)
     if not isinstance(engine, ZeroEngine) or engine.resolve(optimizer) is None:
-        raise ValueError("this needs a MicroAdam stepping DeepSpeed ZeRO partitions (the JSON config, or "
-                         "microadam_dist.deepspeed_zero.initialize/attach)")
+        raise ValueError(
+            "this needs a MicroAdam stepping DeepSpeed ZeRO partitions (the JSON config, or "
+            "microadam_dist.deepspeed_zero.initialize/attach)"
+        )
     return engine
 
 
@@ -350,7 +400,9 @@ def gather_canonical_state(optimizer, by_name: bool = False) -> dict[Any, dict[s
             if packed:
                 layouts = part.layouts(group)
                 for s, layout, view, name in zip(part.slices, layouts, packed_views(layouts, packed), part.names):
-                    mine.append((s.key, name, s.shape, layout.b0, layout.b1, {k: v.cpu().clone() for k, v in view.items()}))
+                    mine.append(
+                        (s.key, name, s.shape, layout.b0, layout.b1, {k: v.cpu().clone() for k, v in view.items()})
+                    )
             everyone = [None] * part.world
             if part.world > 1:
                 dist.all_gather_object(everyone, mine, group=part.process_group)
@@ -367,7 +419,9 @@ def gather_canonical_state(optimizer, by_name: bool = False) -> dict[Any, dict[s
         if by_name and names[key] is None:
             raise ValueError("parameter names are unknown: use attach(engine) or the JSON config path")
         try:
-            out[names[key] if by_name else key] = StateLayout.join(geometry_of(shape, group), group["window_size"], items)
+            out[names[key] if by_name else key] = StateLayout.join(
+                geometry_of(shape, group), group["window_size"], items
+            )
         except ValueError as e:
             raise RuntimeError(f"parameter {key}: {e}") from e
     return out

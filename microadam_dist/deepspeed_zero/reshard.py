@@ -52,18 +52,28 @@ def reshard_deepspeed(src, out, world_size: int, *, overwrite: bool = False) -> 
     ckpt = DeepSpeedCheckpoint(tag_dir)  # refuses what is not a complete MicroAdam ZeRO checkpoint
     saved = _model_states(tag_dir)
     if not isinstance(saved.get("ds_config"), dict):
-        raise CheckpointError(f"{tag_dir}: the model-states file records no DeepSpeed config (ds_config); "
-                              "convert it with `microadam-ckpt convert --to deepspeed` instead")
+        raise CheckpointError(
+            f"{tag_dir}: the model-states file records no DeepSpeed config (ds_config); "
+            "convert it with `microadam-ckpt convert --to deepspeed` instead"
+        )
     stage = int(saved["ds_config"].get("zero_optimization", {}).get("stage", 0))
     with atomic_directory(out, overwrite) as tmp:
-        mp.start_processes(_worker, args=(world_size, free_port(), str(tag_dir), str(tmp)), nprocs=world_size,
-                           join=True, start_method="spawn")
+        mp.start_processes(
+            _worker,
+            args=(world_size, free_port(), str(tag_dir), str(tmp)),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
         new_tag = tmp / tag_dir.name
         for f in new_tag.glob("*model_states.pt"):  # the source's, at the new size
             f.unlink()
         states = {**saved, "dp_world_size": world_size}
-        names = ([f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)] if stage == 3
-                 else ["mp_rank_00_model_states.pt"])
+        names = (
+            [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)]
+            if stage == 3
+            else ["mp_rank_00_model_states.pt"]
+        )
         for name in names:
             torch.save(states, new_tag / name)
         if root is not None:
@@ -103,8 +113,16 @@ def _order(ckpt: DeepSpeedCheckpoint) -> list[str]:
 
 
 def _worker(rank: int, world: int, port: int, tag_dir: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        DS_ACCELERATOR="cpu",
+        CUDA_VISIBLE_DEVICES="",
+    )
     torch.set_num_threads(1)
     import deepspeed
     import torch.distributed as dist
@@ -121,8 +139,12 @@ def _worker(rank: int, world: int, port: int, tag_dir: str, out: str) -> None:
         params = dict(model.named_parameters())
         groups = []
         for g, hyper in enumerate(ckpt.groups):
-            groups.append({"params": [params[n] for n in names if ckpt.params[n].group == g],
-                           **{k: (tuple(v) if k == "betas" else v) for k, v in hyper.items()}})
+            groups.append(
+                {
+                    "params": [params[n] for n in names if ckpt.params[n].group == g],
+                    **{k: (tuple(v) if k == "betas" else v) for k, v in hyper.items()},
+                }
+            )
         cfg = {k: v for k, v in saved["ds_config"].items() if k not in _DROPPED}
         cfg["zero_allow_untested_optimizer"] = True
         if (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none") != "none":

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (CheckpointError, DeepSpeedCheckpoint, canonical_parameter, check_compatible,
-                          open_checkpoint)
+from ..checkpoint import CheckpointError, DeepSpeedCheckpoint, canonical_parameter, check_compatible, open_checkpoint
 from ..optimizer import MicroAdam
 from ..state import packed_views, packed_zeros
 from ..zero_layout import RANK_FILE, same_partition
@@ -42,8 +41,15 @@ def attach(engine) -> ZeroEngine:
 
 # ---- engine.load_checkpoint at any world size ------------------------------------------------------
 #: what DeepSpeed's _load_checkpoint keeps out of the client state it returns
-_DEEPSPEED_STATES = ("module", "skipped_steps", "global_steps", "dp_world_size", "mp_world_size", "data_sampler",
-                     "random_ltd")
+_DEEPSPEED_STATES = (
+    "module",
+    "skipped_steps",
+    "global_steps",
+    "dp_world_size",
+    "mp_world_size",
+    "data_sampler",
+    "random_ltd",
+)
 
 
 def guard_checkpoint_loads(engine) -> None:
@@ -60,18 +66,34 @@ def guard_checkpoint_loads(engine) -> None:
     if original is None or getattr(original, "_microadam_guard", False):
         return
 
-    def load_checkpoint(load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
-                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
-        args = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
-                    load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
-                    custom_load_fn=custom_load_fn)
+    def load_checkpoint(
+        load_dir,
+        tag=None,
+        load_module_strict=True,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+        load_module_only=False,
+        custom_load_fn=None,
+    ):
+        args = dict(
+            load_module_strict=load_module_strict,
+            load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=load_lr_scheduler_states,
+            load_module_only=load_module_only,
+            custom_load_fn=custom_load_fn,
+        )
         if getattr(engine, "load_universal_checkpoint", lambda: False)():
-            raise MicroAdamCheckpointError(reshard_hint(
-                "DeepSpeed universal checkpoints know only Adam's state (exp_avg, exp_avg_sq), not MicroAdam's"))
+            raise MicroAdamCheckpointError(
+                reshard_hint(
+                    "DeepSpeed universal checkpoints know only Adam's state (exp_avg, exp_avg_sq), not MicroAdam's"
+                )
+            )
         if tag is None and os.path.isfile(os.path.join(load_dir, "latest")):
             with open(os.path.join(load_dir, "latest")) as f:
                 tag = f.read().strip()
-        native = tag is None or custom_load_fn is not None or _native_load_fits(engine, os.path.join(load_dir, str(tag)))
+        native = (
+            tag is None or custom_load_fn is not None or _native_load_fits(engine, os.path.join(load_dir, str(tag)))
+        )
         engine.microadam_last_load = "native" if all(_everyone(native)) else "resharded"  # for logs and tests
         if engine.microadam_last_load == "native":
             return original(load_dir, tag, **args)
@@ -119,11 +141,20 @@ def _native_load_fits(engine, tag_dir) -> bool:
         return True  # another optimizer's file: the adapter refuses it with its own message
     saved = layout["partitions"]
     return set(mine) == {int(i) for i in saved} and all(
-        same_partition(info, mine[int(i)].rank, mine[int(i)].world, mine[int(i)].slices) for i, info in saved.items())
+        same_partition(info, mine[int(i)].rank, mine[int(i)].world, mine[int(i)].slices) for i, info in saved.items()
+    )
 
 
-def _load_resharded(engine, tag_dir, *, load_module_strict=True, load_optimizer_states=True,
-                    load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+def _load_resharded(
+    engine,
+    tag_dir,
+    *,
+    load_module_strict=True,
+    load_optimizer_states=True,
+    load_lr_scheduler_states=True,
+    load_module_only=False,
+    custom_load_fn=None,
+):
     """``engine.load_checkpoint`` for a MicroAdam ZeRO checkpoint of another size or layout: weights,
     fp32 masters and MicroAdam state through :func:`load_canonical`, then what DeepSpeed's own load
     restores from the model-states file (LR scheduler, step counters) and its client state."""
@@ -138,8 +169,13 @@ def _load_resharded(engine, tag_dir, *, load_module_strict=True, load_optimizer_
     if not load_module_only:
         if states:  # the hyperparameters the schedulers set: the first resumed step uses them
             for group, saved_group in zip(engine.basic_optimizer.param_groups, ckpt.groups):
-                group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved_group.items()
-                              if k in ("lr", "betas", "eps", "weight_decay") and v is not None})
+                group.update(
+                    {
+                        k: (tuple(v) if k == "betas" else v)
+                        for k, v in saved_group.items()
+                        if k in ("lr", "betas", "eps", "weight_decay") and v is not None
+                    }
+                )
         if load_lr_scheduler_states and engine.lr_scheduler is not None and saved.get("lr_scheduler") is not None:
             engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         engine.global_steps = saved["global_steps"]
@@ -151,7 +187,6 @@ def _load_resharded(engine, tag_dir, *, load_module_strict=True, load_optimizer_
     if load_optimizer_states:
         deepspeed_states.append("optimizer")
     return str(models[0]), {k: v for k, v in saved.items() if k not in deepspeed_states}
-
 
 
 def load_checkpoint(engine, path, *, progress: bool = False):
@@ -199,8 +234,10 @@ def load_canonical(engine, ckpt, *, progress: bool = False, load_state: bool = T
     if not isinstance(adapter, ZeroEngine):
         adapter = attach(engine)
     if adapter.resolve(opt) is None:
-        raise CheckpointError("load_canonical needs a ZeRO-1/2/3 engine; with stage 0 use "
-                              "microadam_dist.checkpoint.load(engine.module, optimizer, path)")
+        raise CheckpointError(
+            "load_canonical needs a ZeRO-1/2/3 engine; with stage 0 use "
+            "microadam_dist.checkpoint.load(engine.module, optimizer, path)"
+        )
     module_params = dict(engine.module.named_parameters())
     shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in module_params.items() if p.requires_grad}
     groups = {}
@@ -227,11 +264,11 @@ def load_canonical(engine, ckpt, *, progress: bool = False, load_state: bool = T
                 for s, layout, name in zip(part.slices, layouts, part.names):
                     weight, st = values[name]
                     if weight is not None:
-                        flat_weight = weight.reshape(-1)[s.start:s.start + s.numel]
-                        part.flat.data[s.offset:s.offset + s.numel].copy_(flat_weight)
+                        flat_weight = weight.reshape(-1)[s.start : s.start + s.numel]
+                        part.flat.data[s.offset : s.offset + s.numel].copy_(flat_weight)
                         if adapter.kind == "zero3":  # the module's bit16 partition of this parameter
                             lp = zero.fp16_groups[s.key[0]][s.key[1]]
-                            lp.ds_tensor.data[:s.numel].copy_(flat_weight.to(lp.ds_tensor.dtype))
+                            lp.ds_tensor.data[: s.numel].copy_(flat_weight.to(lp.ds_tensor.dtype))
                     if st is not None:
                         fresh[s.key] = layout.from_rows(st)
                 if fresh:  # a slice without state (saved before its first step) keeps zeros
@@ -249,5 +286,3 @@ def load_canonical(engine, ckpt, *, progress: bool = False, load_state: bool = T
     if ckpt.step is not None:
         engine.global_steps = int(ckpt.step)
     dist.barrier()
-
-

@@ -50,8 +50,12 @@ def wrapper_on_stack(opt):
     frame = sys._getframe(1)
     while frame is not None:
         obj = frame.f_locals.get("self")
-        if obj is not None and obj is not opt and getattr(obj, "optimizer", None) is opt \
-                and wrapper_kind(obj) is not None:
+        if (
+            obj is not None
+            and obj is not opt
+            and getattr(obj, "optimizer", None) is opt
+            and wrapper_kind(obj) is not None
+        ):
             return obj
         frame = frame.f_back
     return None
