@@ -57,7 +57,7 @@ def test_two_torchrun_agents_as_two_nodes():
                 agent.kill()
     for node, (agent, out) in enumerate(zip(agents, outputs)):
         assert agent.returncode == 0, f"node {node}:\n{out}"
-    assert "(world size 2)" in outputs[0], outputs[0]
+    assert "(world size 2, FSDP2)" in outputs[0], outputs[0]
     assert "microadam" in outputs[0]
 
 
@@ -138,7 +138,7 @@ def test_mpirun_discovers_ranks_through_mpi4py():
         ["bash", str(ROOT / "launch/mpirun.sh"), *TINY], env=env, capture_output=True, text=True, timeout=240
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "(world size 2)" in out.stdout, out.stdout
+    assert "(world size 2, FSDP2)" in out.stdout, out.stdout
 
 
 def test_main_job_config_file(tmp_path):
