@@ -152,13 +152,17 @@ def inspect(
         "state_bytes": c.state_bytes(),
         "param_groups": c.groups,
         "step_counts": {("no state" if k < 0 else str(k)): v for k, v in sorted(steps.items())} if verify else None,
+        "lr_scheduler": c.lr_scheduler is not None,
         "integrity": integrity,
         "unverified": unverified,
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=1, default=str))
     else:
-        typer.echo(f"{ckpt}: {c.kind} checkpoint, world size {c.world_size or '-'}, step {c.step}")
+        typer.echo(
+            f"{ckpt}: {c.kind} checkpoint, world size {c.world_size or '-'}, step {c.step}, LR scheduler "
+            + ("recorded" if c.lr_scheduler is not None else "not recorded")
+        )
         typer.echo(
             f"  {summary['parameters']} parameters, {summary['elements']:,} elements, MicroAdam state "
             f"{summary['state_bytes']:,} bytes ({summary['state_bytes'] / max(1, summary['elements']):.3f} B/param)"

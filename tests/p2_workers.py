@@ -38,9 +38,15 @@ def train_single(model, opt, start: int, stop: int) -> None:
 
 
 # ---- DeepSpeed ---------------------------------------------------------------------------------------
-def _ds_engine(stage: int):
+#: a warm-up still under way at SAVE_AT, so a resume that loses the schedule takes other steps
+WARMUP = {"warmup_min_lr": 0.0, "warmup_max_lr": W.P1_HYPER["lr"], "warmup_num_steps": 8, "warmup_type": "linear"}
+
+
+def _ds_engine(stage: int, scheduler: bool = False):
     torch.set_num_threads(1)
     cfg = W.ds_config(stage, torch.float32, optimizer={"type": "MicroAdam", "params": dict(W.P1_HYPER)})
+    if scheduler:
+        cfg["scheduler"] = {"type": "WarmupLR", "params": dict(WARMUP)}
     return W._engine(W.Injected(), cfg, "json")
 
 
@@ -65,6 +71,40 @@ def ds_source(rank, world, stage, out):
     engine = _ds_engine(stage)
     _ds_train(engine, 0, SAVE_AT)
     engine.save_checkpoint(out)
+
+
+def _ds_train_lrs(engine, start: int, stop: int) -> list[float]:
+    """Train, returning the learning rate each step ran with."""
+    lrs = []
+    for t in range(start, stop):
+        lrs.append(engine.basic_optimizer.param_groups[0]["lr"])
+        _ds_train(engine, t, t + 1)
+    return lrs
+
+
+def ds_scheduled_source(rank, world, stage, out_dir):
+    """With DeepSpeed's WarmupLR: SAVE_AT steps, save, then on to TOTAL (the uninterrupted run)."""
+    engine = _ds_engine(stage, scheduler=True)
+    _ds_train(engine, 0, SAVE_AT)
+    engine.save_checkpoint(f"{out_dir}/ds")
+    scheduler = engine.lr_scheduler.state_dict()
+    lrs = _ds_train_lrs(engine, SAVE_AT, TOTAL)
+    final = _ds_result(engine)
+    if rank == 0:
+        torch.save({"scheduler": scheduler, "lrs": lrs, "final": final}, f"{out_dir}/straight.pt")
+
+
+def ds_scheduled_target(rank, world, stage, src, out):
+    """Resume with deepspeed_zero.load_checkpoint from a converted checkpoint; the rest of the run."""
+    from microadam_dist.deepspeed_zero import load_checkpoint
+
+    engine = _ds_engine(stage, scheduler=True)
+    load_checkpoint(engine, src)
+    scheduler = engine.lr_scheduler.state_dict()
+    lrs = _ds_train_lrs(engine, SAVE_AT, TOTAL)
+    final = _ds_result(engine)
+    if rank == 0:
+        torch.save({"scheduler": scheduler, "lrs": lrs, "final": final}, out)
 
 
 def ds_target(rank, world, stage, src, out):

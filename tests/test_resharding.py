@@ -108,6 +108,26 @@ def test_deepspeed_resumes_at_another_world_size(sources, refs, tmp_path, source
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("to", ["single", "dcp"])
+def test_the_lr_schedule_survives_a_conversion(tmp_path, to):
+    """DeepSpeed's WarmupLR, mid warm-up, saved at ZeRO-2 on 2 ranks, converted by the tool
+    (canonical: the manifest records the schedule; DCP: its train_meta.json), resumed at ZeRO-1 on
+    1 rank: the same learning rates and, bitwise, the same run as the uninterrupted one."""
+    run_workers(P.ds_scheduled_source, 2, 2, str(tmp_path))
+    cli("convert", tmp_path / "ds", tmp_path / "converted", "--to", to, "--quiet")
+    assert checkpoint.open_checkpoint(tmp_path / "converted").lr_scheduler["last_batch_iteration"] == P.SAVE_AT - 1
+    run_workers(P.ds_scheduled_target, 1, 1, str(tmp_path / "converted"), str(tmp_path / "resumed.pt"))
+    straight = torch.load(tmp_path / "straight.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    assert resumed["scheduler"] == straight["scheduler"]
+    assert resumed["lrs"] == straight["lrs"] and len(set(straight["lrs"])) > 1  # still warming up
+    for name, weight in straight["final"]["params"].items():
+        assert torch.equal(resumed["final"]["params"][name], weight), (to, name)
+        for key in FIELDS:
+            assert torch.equal(resumed["final"]["state"][name][key], straight["final"]["state"][name][key]), (to, key)
+
+
+@pytest.mark.timeout(600)
 def test_fsdp2_resumes_from_deepspeed_through_the_tool(sources, refs, tmp_path):
     cli("convert", sources["ds3"], tmp_path / "dcp", "--to", "dcp", "--quiet")  # ZeRO-3 at 3 -> DCP
     run_workers(P.fsdp_target, 4, str(tmp_path / "dcp"), str(tmp_path / "after"))  # FSDP2 at 4

@@ -26,7 +26,15 @@ One module per concern:
 
 from .adam_export import export_adam
 from .atomic import atomic_directory, last_complete, previous_of, swap_into_place
-from .base import Checkpoint, CheckpointError, ParamEntry, canonical_parameter, check_compatible
+from .base import (
+    Checkpoint,
+    CheckpointError,
+    ParamEntry,
+    apply_saved_hyperparameters,
+    canonical_parameter,
+    check_compatible,
+    load_scheduler,
+)
 from .canonical import DEFAULT_SHARD_BYTES, CanonicalCheckpoint, write_canonical
 from .dcp import DCPCheckpoint, write_dcp
 from .deepspeed import DeepSpeedCheckpoint
@@ -51,11 +59,13 @@ __all__ = [
     "DCPCheckpoint",
     "DeepSpeedCheckpoint",
     "ParamEntry",
+    "apply_saved_hyperparameters",
     "atomic_directory",
     "canonical_parameter",
     "check_compatible",
     "export_adam",
     "last_complete",
+    "load_scheduler",
     "load",
     "open_checkpoint",
     "previous_of",

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import json
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,8 @@ class Checkpoint(abc.ABC):
         self.path = Path(path)
         self.world_size: int | None = None
         self.step: int | None = None  # the training step, when the source records one
+        #: the LR scheduler's state_dict, when the source records one (so a resume continues the schedule)
+        self.lr_scheduler: dict | None = None
         self.groups: list[dict[str, Any]] = []  # hyperparameters (HYPER_KEYS) per parameter group
         self.params: dict[str, ParamEntry] = {}
 
@@ -171,6 +175,53 @@ def check_compatible(ckpt: Checkpoint, shapes: dict[str, tuple], groups: dict[st
                 f"{ckpt.path}: parameter {name!r} was saved with {key}={saved[key]!r}, this "
                 f"optimizer has {key}={group[key]!r}; use the same MicroAdam geometry"
             )
+
+
+def scheduler_json(ckpt: Checkpoint) -> dict | None:
+    """``ckpt.lr_scheduler`` as the JSON object a manifest records, or None (with a warning naming
+    what is lost) when it holds something JSON cannot carry."""
+    state = ckpt.lr_scheduler
+    if state is None:
+        return None
+    try:
+        return json.loads(json.dumps(state))
+    except (TypeError, ValueError) as e:
+        warnings.warn(
+            f"{ckpt.path}: the LR scheduler's state ({type(e).__name__}: {e}) cannot be written as JSON; "
+            "the converted checkpoint records none, so a resume from it starts the schedule afresh",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def apply_saved_hyperparameters(groups: list[dict], saved_groups: list[dict]) -> None:
+    """Set the saved lr, betas, eps, weight_decay and alpha on the optimizer's param groups, as
+    ``Optimizer.load_state_dict`` does: schedulers set them, and the first resumed step uses them."""
+    for group, saved in zip(groups, saved_groups):
+        group.update(
+            {
+                k: (tuple(v) if k == "betas" else v)
+                for k, v in saved.items()
+                if k in ("lr", "betas", "eps", "weight_decay", "alpha") and v is not None
+            }
+        )
+
+
+def load_scheduler(ckpt: Checkpoint, lr_scheduler) -> None:
+    """Continue ``lr_scheduler`` (anything with ``load_state_dict``; None: nothing to do) from the
+    state ``ckpt`` records; warn when it records none."""
+    if lr_scheduler is None:
+        return
+    if ckpt.lr_scheduler is None:
+        warnings.warn(
+            f"{ckpt.path} records no LR scheduler state: the scheduler starts from its beginning "
+            "(its step count and learning rate are not those of the saved run)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    lr_scheduler.load_state_dict(ckpt.lr_scheduler)
 
 
 def progress_bar(iterable, total: int, desc: str, enabled: bool):

@@ -23,7 +23,7 @@ import torch
 from ..hyperparams import HYPER_DEFAULTS
 from ..state import DTYPES, FIELDS
 from .atomic import atomic_directory, write_synced
-from .base import Checkpoint, CheckpointError, ParamEntry, canonical_parameter, progress_bar
+from .base import Checkpoint, CheckpointError, ParamEntry, canonical_parameter, progress_bar, scheduler_json
 from .integrity import sha256_of
 from .safetensors_io import ShardWriter, read_safetensors_header, read_safetensors_tensor
 from .schema import (
@@ -31,8 +31,7 @@ from .schema import (
     FORMAT_VERSION,
     MANIFEST,
     MANIFEST_DIGEST,
-    MANIFEST_V1,
-    MANIFEST_V2,
+    MANIFESTS,
     check_seal,
     read_json,
     record,
@@ -55,17 +54,18 @@ class CanonicalCheckpoint(Checkpoint):
                 f"{manifest_path} is not a MicroAdam canonical manifest (format {manifest.get('format')!r})"
             )
         version = manifest.get("version")
-        if version not in (1, FORMAT_VERSION):
+        if version not in MANIFESTS:
             raise CheckpointError(
                 f"{manifest_path}: format version {version!r} is not supported by this "
-                f"microadam_dist (versions 1 and {FORMAT_VERSION}); upgrade microadam_dist"
+                f"microadam_dist (versions {sorted(MANIFESTS)}); upgrade microadam_dist"
             )
         self.sealed = version >= 2  # version 1 manifests carry no digest of themselves
         if self.sealed:  # before the schema: a damaged manifest is reported as damaged, whatever changed
             check_seal(manifest_path, manifest, raw, MANIFEST_DIGEST, "manifest")
-        manifest = validated(manifest_path, record(MANIFEST_V2 if self.sealed else MANIFEST_V1), manifest, "manifest")
+        manifest = validated(manifest_path, record(MANIFESTS[version]), manifest, "manifest")
         self.manifest = manifest
         self.step = manifest["step"]
+        self.lr_scheduler = manifest.get("lr_scheduler")
         self.world_size = manifest["world_size"]
         self.groups = [
             {**HYPER_DEFAULTS, **{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}}
@@ -202,6 +202,7 @@ def write_canonical(
             "world_size": world_size,
             "note": note,
             "step": ckpt.step,
+            "lr_scheduler": scheduler_json(ckpt),
             "param_groups": [_jsonable(g) for g in ckpt.groups],
             "params": params,
             "files": {**weights.files, **states.files},

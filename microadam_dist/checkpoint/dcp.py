@@ -18,7 +18,7 @@ import torch
 from ..hyperparams import GEOMETRY_KEYS, HYPER_DEFAULTS, HYPER_KEYS
 from ..state import DTYPES, FIELDS, narrow_indices
 from .atomic import atomic_directory
-from .base import Checkpoint, CheckpointError, ParamEntry, checked_weight, damaged, progress_bar
+from .base import Checkpoint, CheckpointError, ParamEntry, checked_weight, damaged, progress_bar, scheduler_json
 from .integrity import (
     DIGESTS,
     TRAIN_META,
@@ -102,7 +102,10 @@ class DCPCheckpoint(Checkpoint):
         meta_file = self.path / TRAIN_META
         steps = []
         if meta_file.exists():
-            self.step = train_meta(meta_file).get("step")
+            meta = train_meta(meta_file)
+            self.step = meta.get("step")
+            scheduler = meta.get("lr_scheduler")
+            self.lr_scheduler = scheduler if isinstance(scheduler, dict) else None
         else:
             steps = [int(v) for v in self._load({k for k in self._tensors if k.endswith(".step")}).values()]
             self.step = max(steps, default=0)
@@ -256,6 +259,10 @@ def write_dcp(ckpt: Checkpoint, out, *, overwrite: bool = False, progress: bool 
             planner=LazyPlanner(),
             no_dist=True,
         )
-        seal(tmp, {"step": ckpt.step or 0, "losses": [], "history": [], "converted_from": str(ckpt.path)})
+        meta = {"step": ckpt.step or 0, "losses": [], "history": [], "converted_from": str(ckpt.path)}
+        scheduler = scheduler_json(ckpt)
+        if scheduler is not None:  # DCP's own files have no place for it: train_meta.json carries it
+            meta["lr_scheduler"] = scheduler
+        seal(tmp, meta)
     bar.close()
     return Path(out)

@@ -124,6 +124,8 @@ class DeepSpeedCheckpoint(Checkpoint):
         if not (step is None or (isinstance(step, int) and step >= 0)):
             raise CheckpointError(f"{models[0]}: global_steps is {step!r}: the file is corrupted")
         self.step = step
+        scheduler = model_sd.get("lr_scheduler")
+        self.lr_scheduler = scheduler if isinstance(scheduler, dict) else None
 
     def zero_keys(self) -> dict[str, tuple[int, int]]:
         """Each parameter's ZeRO key (DeepSpeed group, index in that group): sorting by it gives

@@ -8,7 +8,16 @@ import torch
 
 from ..hyperparams import HYPER_DEFAULTS, HYPER_KEYS
 from ..state import StateLayout
-from .base import Checkpoint, CheckpointError, ParamEntry, canonical_parameter, check_compatible, progress_bar
+from .base import (
+    Checkpoint,
+    CheckpointError,
+    ParamEntry,
+    apply_saved_hyperparameters,
+    canonical_parameter,
+    check_compatible,
+    load_scheduler,
+    progress_bar,
+)
 from .canonical import write_canonical
 from .readers import open_checkpoint
 
@@ -29,8 +38,9 @@ class _LiveCheckpoint(Checkpoint):
 
     kind = "single"
 
-    def __init__(self, model, opt):
+    def __init__(self, model, opt, lr_scheduler=None):
         super().__init__(Path("<memory>"))
+        self.lr_scheduler = None if lr_scheduler is None else lr_scheduler.state_dict()
         self._params, group_of = _named(model, opt)
         self.groups = [
             {k: (tuple(g[k]) if k == "betas" else g.get(k, HYPER_DEFAULTS.get(k))) for k in HYPER_KEYS}
@@ -56,13 +66,18 @@ class _LiveCheckpoint(Checkpoint):
         return {k: v.cpu() for k, v in self.layout(name).to_rows(st).items()}
 
 
-def save(model, opt, out, *, overwrite: bool = True, progress: bool = False) -> Path:
-    """Save a single-process model and its MicroAdam as a canonical checkpoint."""
-    return write_canonical(_LiveCheckpoint(model, opt), out, world_size=1, overwrite=overwrite, progress=progress)
+def save(model, opt, out, *, lr_scheduler=None, overwrite: bool = True, progress: bool = False) -> Path:
+    """Save a single-process model and its MicroAdam (and the LR scheduler's state, when given) as a
+    canonical checkpoint."""
+    live = _LiveCheckpoint(model, opt, lr_scheduler)
+    return write_canonical(live, out, world_size=1, overwrite=overwrite, progress=progress)
 
 
-def load(model, opt, path, *, progress: bool = False) -> Checkpoint:
-    """Load any checkpoint (canonical, DCP, DeepSpeed) into a single-process model and its MicroAdam.
+def load(model, opt, path, *, lr_scheduler=None, progress: bool = False) -> Checkpoint:
+    """Load any checkpoint (canonical, DCP, DeepSpeed) into a single-process model and its MicroAdam,
+    and into ``lr_scheduler`` the schedule's state the checkpoint records (a warning when it records
+    none: the schedule then starts afresh). The saved lr, betas, eps, weight_decay and alpha replace
+    the optimizer's, as ``Optimizer.load_state_dict`` does.
 
     Refuses a checkpoint of another model (missing, extra or reshaped parameters are named) or
     another MicroAdam geometry before anything is changed.
@@ -87,4 +102,7 @@ def load(model, opt, path, *, progress: bool = False) -> Checkpoint:
                 continue
             layout = StateLayout(ckpt.geometry(name), opt.param_groups[group_of[id(p)]]["window_size"])
             opt.state[p] = layout.install(layout.from_rows(st), p.device)
+    if len(ckpt.groups) == len(opt.param_groups):
+        apply_saved_hyperparameters(opt.param_groups, ckpt.groups)
+    load_scheduler(ckpt, lr_scheduler)
     return ckpt

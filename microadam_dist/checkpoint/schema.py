@@ -19,7 +19,7 @@ from ..hyperparams import GEOMETRY_KEYS, HYPER_KEYS, validate_hyperparameters
 from .base import CheckpointError
 
 FORMAT = "microadam-canonical"
-FORMAT_VERSION = 2  # 2: the manifest records its own SHA-256 (version 1, without it, is still read)
+FORMAT_VERSION = 3  # 2: the manifest records its own SHA-256; 3: and the LR scheduler (versions 1 and 2 are read)
 MANIFEST = "microadam-checkpoint.json"
 MANIFEST_DIGEST = "manifest_sha256"
 
@@ -106,6 +106,13 @@ def string(pattern: str | None = None):
         return v
 
     return check
+
+
+def json_object(v, where):
+    """Any JSON object (a scheduler's state_dict): its contents are the scheduler's to check."""
+    if not isinstance(v, dict):
+        raise SchemaError(f"{where} is {v!r}, expected an object")
+    return v
 
 
 def optional(spec):
@@ -214,6 +221,8 @@ MANIFEST_V1 = {
     "files": mapping(record({"bytes": integer(0), "sha256": string(HEX64)}), FILE_NAME),
 }
 MANIFEST_V2 = {**MANIFEST_V1, MANIFEST_DIGEST: string(HEX64)}
+MANIFEST_V3 = {**MANIFEST_V2, "lr_scheduler": optional(json_object)}
+MANIFESTS = {1: MANIFEST_V1, 2: MANIFEST_V2, 3: MANIFEST_V3}
 
 DIGESTS_SCHEMA = record(
     {

@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import CheckpointError, DeepSpeedCheckpoint, canonical_parameter, check_compatible, open_checkpoint
+from ..checkpoint import (
+    CheckpointError,
+    DeepSpeedCheckpoint,
+    apply_saved_hyperparameters,
+    canonical_parameter,
+    check_compatible,
+    load_scheduler,
+    open_checkpoint,
+)
 from ..optimizer import MicroAdam
 from ..state import packed_views, packed_zeros
 from ..zero_layout import RANK_FILE, same_partition
@@ -167,15 +175,6 @@ def _load_resharded(
     load_canonical(engine, ckpt, load_state=states)
     deepspeed_states = ["module"]
     if not load_module_only:
-        if states:  # the hyperparameters the schedulers set: the first resumed step uses them
-            for group, saved_group in zip(engine.basic_optimizer.param_groups, ckpt.groups):
-                group.update(
-                    {
-                        k: (tuple(v) if k == "betas" else v)
-                        for k, v in saved_group.items()
-                        if k in ("lr", "betas", "eps", "weight_decay") and v is not None
-                    }
-                )
         if load_lr_scheduler_states and engine.lr_scheduler is not None and saved.get("lr_scheduler") is not None:
             engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         engine.global_steps = saved["global_steps"]
@@ -217,6 +216,7 @@ def load_checkpoint(engine, path, *, progress: bool = False):
             engine.load_checkpoint(os.path.dirname(os.path.abspath(path)), tag=os.path.basename(os.path.abspath(path)))
         return None
     load_canonical(engine, ckpt, progress=progress)
+    load_scheduler(ckpt, engine.lr_scheduler)  # the schedule continues (None: the engine has none)
     return ckpt
 
 
@@ -283,6 +283,8 @@ def load_canonical(engine, ckpt, *, progress: bool = False, load_state: bool = T
                 weight = values[name][0] if name in values else ckpt.weight(name)
                 if weight is not None:
                     module_params[name].data.copy_(weight.reshape(module_params[name].shape))
+    if load_state:
+        apply_saved_hyperparameters(opt.param_groups, ckpt.groups)
     if ckpt.step is not None:
         engine.global_steps = int(ckpt.step)
     dist.barrier()
