@@ -89,12 +89,14 @@ def _trainer(out_dir: str, world: int, engine: str, **extra):
         cfg = json.loads((ROOT / "configs" / "hf_ds_zero2.json").read_text())  # as shipped
         cfg["optimizer"]["params"].update({k: v for k, v in HYPER.items() if k not in ("lr", "weight_decay")})
         args["deepspeed"] = cfg
-    else:  # FSDP2: the Trainer takes an optimizer class and its arguments
+    elif engine == "fsdp":  # FSDP2: the Trainer takes an optimizer class and its arguments
         args.update(fsdp="full_shard", fsdp_config={"version": 2, "state_dict_type": "FULL_STATE_DICT"})
         kwargs["optimizer_cls_and_kwargs"] = (MicroAdam, {k: v for k, v in HYPER.items() if k != "lr"})
     import microadam_dist  # noqa: F401  (registers "MicroAdam" for the DeepSpeed config)
 
     model = tiny_gpt2()
+    if engine == "ddp":  # the README's DDP recipe: an optimizer instance, the Trainer's own scheduler
+        kwargs["optimizers"] = (MicroAdam(model.parameters(), **HYPER), None)
     trainer = Sequential(model=model, args=TrainingArguments(**args), train_dataset=dataset(), **kwargs)
     return trainer, model
 

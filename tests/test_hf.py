@@ -127,6 +127,20 @@ def test_trainer_fsdp2_full_state_dict_resumes_at_another_world_size(tmp_path):
     _assert_weights(_weights(tmp_path / "at1" / "0" / "final"), weights, REL, "1 rank")
 
 
+@pytest.mark.timeout(300)
+def test_trainer_ddp_with_a_microadam_instance_resumes_at_another_world_size(tmp_path):
+    """The README's DDP recipe, optimizers=(MicroAdam(...), None): the state (its dtypes included)
+    goes through the Trainer's optimizer.pt and back, and the schedule through its scheduler.pt."""
+    losses, weights = _uninterrupted(tmp_path, "ddp")
+    saved = tmp_path / "full" / "0" / "run" / f"checkpoint-{H.SAVE_AT}"
+    assert (saved / "optimizer.pt").is_file() and (saved / "scheduler.pt").is_file()
+    run_workers(H.trainer_run, 1, "ddp", str(tmp_path / "at1"), [str(saved)])
+    _assert_losses(
+        _losses(tmp_path / "at1", 1)[0][0]["losses"], [a + b for a, b in zip(*losses)][H.SAVE_AT :], REL, "1 rank"
+    )
+    _assert_weights(_weights(tmp_path / "at1" / "0" / "final"), weights, REL, "1 rank")
+
+
 @pytest.mark.timeout(120)
 def test_fsdp2_full_state_dict_with_and_without_cpu_offload(tmp_path):
     run_workers(H.torch_full_state_dict, 2, str(tmp_path))
