@@ -23,7 +23,7 @@ import torch
 from .geometry import geometry_of
 from .hyperparams import check_same_geometry
 from .sharded import Segment
-from .state import StateLayout
+from .state import StateLayout, narrow_indices
 
 
 def is_dtensor(t) -> bool:
@@ -172,7 +172,9 @@ class ParamsEngine:
     def state_dict(self, optimizer) -> dict:
         sd = torch.optim.Optimizer.state_dict(optimizer)
         for index, (p, group) in enumerate(_indexed(optimizer)):
-            if index in sd["state"]:
+            if index in sd["state"] and not sd["state"][index]:  # an entry something read into being
+                del sd["state"][index]
+            elif index in sd["state"]:
                 geometry, m = geometry_of(p.shape, group), group["window_size"]
                 if is_dtensor(p):
                     from . import dtensor
@@ -205,7 +207,6 @@ class ParamsEngine:
             hint = f"the checkpoint belongs to a different model (parameter of shape {tuple(p.shape)})"
             if is_dtensor(p):
                 from . import dtensor
-                from .state import narrow_indices
 
                 st = narrow_indices(st)
                 layout.check(st, f"parameter {pid!r}", rows=True, hint=hint)

@@ -308,3 +308,18 @@ def test_step_transient_memory_is_bounded():
     param_bytes = 30_000_000 * 4
     # chunks of 2^20 elements need ~40 MB; one dense fp32 temporary of the parameter is 120 MB
     assert 1 << 20 < transient < 0.5 * param_bytes, (transient, code_pages)
+
+
+def test_state_dict_ignores_an_empty_entry_read_into_being():
+    """optimizer.state is a defaultdict: reading a parameter's entry (as wrappers and hooks do)
+    creates an empty one, which is no state and must not reach (or break) the state_dict."""
+    p, q = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(5))
+    opt = MicroAdam([p, q], lr=1e-3)
+    p.grad = torch.randn(10)
+    opt.step()
+    assert opt.state[q] == {}  # the read
+    sd = opt.state_dict()
+    assert sorted(sd["state"]) == [0]
+    fresh = MicroAdam([p, q], lr=1e-3)
+    fresh.load_state_dict(sd)
+    assert int(fresh.state[p]["step"]) == 1 and not fresh.state.get(q)
