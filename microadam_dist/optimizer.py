@@ -64,7 +64,7 @@ class MicroAdam(torch.optim.Optimizer):
     """
 
     #: elements per bounded chunk of work inside a large parameter: the reference path's transient
-    #: memory is a few tens of bytes per chunk element (54 MiB measured at 1e8; docs/design.md)
+    #: memory is a few tens of bytes per chunk element (50 MiB measured at 1e8; docs/design.md)
     chunk_elements: int = 1 << 20
 
     #: How this optimizer reaches its parameters and their state (``engine.Engine``): plain tensors
