@@ -13,7 +13,8 @@ gives registers, spills and the SASS, counted like ``../shared/tools/kernel_stat
 Thread-instructions per element = static SASS instructions x threads per program / elements per
 program (block 4096). It is a proxy for the dynamic count: a runtime loop's body counts once, and
 a branch rarely taken counts in full; so ``_compress`` is also compiled without its radix-search
-fallback (its fast path alone, what nearly every block runs). The last line is the sum over the
+fallback and ``_update`` without its restore branch (their fast paths alone, what nearly every
+block runs: ``RARE_BRANCHES``). The last line is the sum over the
 kernels of one step, fast paths: ``step instructions per element: bf16 B fp32 F``.
 
   python benchmarks/kernel_cost.py [--json benchmarks/results/kernel_cost.json] [--arch 90]
@@ -47,6 +48,9 @@ from microadam_dist.kernels import triton_path  # noqa: E402
 from microadam_dist.state import StateLayout  # noqa: E402
 
 BLOCK, DENSITY, WINDOW, BUCKET = 4096, 0.01, 10, 2048
+# constexprs that switch off a kernel's rarely taken branch: the radix-search top-k of a block with
+# more than 64 candidates, the restore of a step skipped for a non-finite gradient
+RARE_BRANCHES = ("RADIX_FALLBACK", "RESTORE")
 BLOCKS = 8  # blocks of the recorded parameter (one row): the kernels do not depend on the count
 SASS_LINE = re.compile(r"\s+/\*[0-9a-f]{4,}\*/")
 OPCODE = re.compile(r"\s+/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)")
@@ -177,8 +181,9 @@ def measure(arch: int = 90) -> dict:
                 stats["instr_per_element"] = round(stats["sass_instr"] * warps * 32 / BLOCK, 1)
                 # a kernel with a rarely taken fallback branch: its fast path alone as well
                 stats["fast_path_per_element"] = stats["instr_per_element"]
-                if "RADIX_FALLBACK" in fn.arg_names:
-                    fast, _ = compile_launch(fn, args, {**kwargs, "RADIX_FALLBACK": False}, arch)
+                rare = {branch: False for branch in RARE_BRANCHES if branch in fn.arg_names}
+                if rare:
+                    fast, _ = compile_launch(fn, args, {**kwargs, **rare}, arch)
                     stats["fast_path_per_element"] = round(
                         sass_stats(fast.asm["cubin"])["sass_instr"] * warps * 32 / BLOCK, 1
                     )
@@ -226,7 +231,8 @@ def main() -> None:
         "Static counts: the body of a loop left at run time counts once. Integer arguments are "
         "specialized as the JIT does (4096 and zero offsets are 16-divisible). Fast path only: "
         "`_compress` compiled without its radix-search branch (RADIX_FALLBACK=False), the branch taken "
-        "by a block whose top-k has more than 64 candidates; the step line sums the fast paths, the "
+        "by a block whose top-k has more than 64 candidates, and `_update` without the restore of a "
+        "step skipped for a non-finite gradient (RESTORE=False); the step line sums the fast paths, the "
         f"whole kernels sum to bf16 {r['step']['bf16_whole_kernels']} fp32 {r['step']['fp32_whole_kernels']}.\n"
     )
     print(f"step instructions per element: bf16 {r['step']['bf16']} fp32 {r['step']['fp32']}")

@@ -26,6 +26,53 @@ def _densify(
     param_ptr,
     codes_ptr,
     stats_ptr,
+    flag_ptr,
+    n,
+    num_cols,
+    buckets,
+    ef_bytes,
+    bucket_size,
+    elem_off,
+    elem_row,
+    ef_off,
+    ef_row,
+    q_off,
+    q_row,
+    lr_alpha,
+    keep,
+    BLOCK: tl.constexpr,
+    HALF: tl.constexpr,
+    PARAM_BF16: tl.constexpr,
+):
+    if tl.load(flag_ptr) == 0:  # a skipped step (non-finite gradient) densifies nothing either
+        _densify_block(
+            param_ptr,
+            codes_ptr,
+            stats_ptr,
+            n,
+            num_cols,
+            buckets,
+            ef_bytes,
+            bucket_size,
+            elem_off,
+            elem_row,
+            ef_off,
+            ef_row,
+            q_off,
+            q_row,
+            lr_alpha,
+            keep,
+            BLOCK,
+            HALF,
+            PARAM_BF16,
+        )
+
+
+@triton.jit
+def _densify_block(
+    param_ptr,
+    codes_ptr,
+    stats_ptr,
     n,
     num_cols,
     buckets,
@@ -91,10 +138,17 @@ def _densify(
 
 
 def densify_triton_(
-    geometry: Geometry, b0: int, b1: int, param: torch.Tensor, state: dict[str, torch.Tensor], cfg: StepConfig
+    geometry: Geometry,
+    b0: int,
+    b1: int,
+    param: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    cfg: StepConfig,
+    flag: torch.Tensor,
 ) -> None:
     """The densification pass on blocks [b0, b1) (arguments as ``microadam_blocks_triton_``),
-    run after the step's sparse update has been written to ``param``."""
+    run after the step's sparse update has been written to ``param``; nothing when ``flag`` (the
+    step's non-finite flag, an int32 scalar on the device) is set."""
     lr_alpha, keep = densify_scalars(cfg)
     param_bits = param.view(torch.int16) if param.dtype == torch.bfloat16 else param
     for rect in geometry.rects(b0, b1):
@@ -103,6 +157,7 @@ def densify_triton_(
             param_bits,
             state["ef_codes"],
             state["ef_stats"],
+            flag,
             rect.block_len,
             rect.num_cols,
             rect.buckets,

@@ -76,6 +76,44 @@ def _row_major_cumsum(x):
 
 
 @triton.jit
+def _load_grad(ptrs, mask, GRAD_BF16: tl.constexpr):
+    """The gradient in fp32, and the bits of its magnitude (a NaN or an infinity: >= 0x7F800000)."""
+    if GRAD_BF16:
+        bits = tl.load(ptrs, mask=mask, other=0)
+        g = _bf16_bits_to_f32(bits)
+    else:
+        g = tl.load(ptrs, mask=mask, other=0.0)
+    # |g| as bits, whose maximum over the block is >= the exponent mask iff some value is non-finite
+    return g, g.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _flag_nonfinite(flag_ptr, max_mag_bits):
+    """Only a block with a non-finite gradient (exponent bits all ones) writes the parameter's
+    flag: every writer writes 1, so the race is benign, and the usual block costs no store."""
+    tl.store(flag_ptr, 1, mask=max_mag_bits >= 0x7F800000)
+
+
+@triton.jit
+def _save_slot(idx_ptr, val_ptr, undo_idx_ptr, undo_val_ptr, k0, k, KP: tl.constexpr):
+    """Copy the block's k entries of the ring slot about to be overwritten into the undo record;
+    the barrier keeps every warp's read ahead of the top-k's first write to the slot."""
+    kk = tl.arange(0, KP)
+    has = kk < k
+    tl.store(undo_idx_ptr + k0 + kk, tl.load(idx_ptr + k0 + kk, mask=has, other=0), mask=has)
+    tl.store(undo_val_ptr + k0 + kk, tl.load(val_ptr + k0 + kk, mask=has, other=0), mask=has)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _restore(dst_ptr, src_ptr, count, TILE: tl.constexpr):
+    """dst[:count] = src[:count] in tiles (the rare path of a skipped step: kept small in registers)."""
+    for t in range(0, count, TILE):
+        at = t + tl.arange(0, TILE)
+        tl.store(dst_ptr + at, tl.load(src_ptr + at, mask=at < count), mask=at < count)
+
+
+@triton.jit
 def _select_radix(mag, a, offs, k, idx_ptr, val_ptr, k0):
     """Top k of a whole block: the k-th largest |a| by a radix search, 2 bits per round with the
     three candidate counts packed in one int64 sum; then every entry above it and the first ties
@@ -174,6 +212,11 @@ def _compress(
     stats_ptr,
     idx_ptr,
     val_ptr,
+    flag_ptr,
+    undo_codes_ptr,
+    undo_stats_ptr,
+    undo_idx_ptr,
+    undo_val_ptr,
     n,
     k,
     num_cols,
@@ -194,6 +237,7 @@ def _compress(
     TOPK_FAST: tl.constexpr,
     G: tl.constexpr,
     CAND: tl.constexpr,
+    KP: tl.constexpr,
     RADIX_FALLBACK: tl.constexpr = True,
 ):
     """The block as [NB, BS]: row r holds bucket r (element r * QB + j for j < QB), so every
@@ -212,15 +256,23 @@ def _compress(
     inside = (jb[None, :] < QB) & (offs < n)
     has_bucket = rb < buckets
 
-    # 1. a = g + dequant(e): lo + code * u with u = (hi - lo) / 15 once per bucket
-    if GRAD_BF16:
-        g = _bf16_bits_to_f32(tl.load(grad_ptr + e0 + offs, mask=inside, other=0))
-    else:
-        g = tl.load(grad_ptr + e0 + offs, mask=inside, other=0.0)
+    # 1. a = g + dequant(e): lo + code * u with u = (hi - lo) / 15 once per bucket; the gradient is
+    #    checked for a NaN or an infinity on the way (the step's only read of it)
+    g, g_mag = _load_grad(grad_ptr + e0 + offs, inside, GRAD_BF16)
+    _flag_nonfinite(flag_ptr, tl.max(tl.max(g_mag, axis=1), axis=0))
     byte = tl.load(codes_ptr + c0 + offs // 2, mask=inside, other=0).to(tl.int32)
     code = (byte >> ((offs % 2) * 4)) & 0xF
     lo = tl.load(stats_ptr + 2 * (q0 + rb), mask=has_bucket, other=0.0)
     hi = tl.load(stats_ptr + 2 * (q0 + rb) + 1, mask=has_bucket, other=0.0)
+    # the undo record (what this program overwrites), restored by _update if the step is skipped;
+    # the code bytes are read again as bytes (cached), cheaper than regrouping the pairs
+    pair = tl.arange(0, BS // 2)[None, :]
+    byte_at = rb[:, None] * (QB // 2) + pair
+    byte_ok = (2 * pair < QB) & (byte_at < ef_bytes)
+    tl.store(undo_codes_ptr + c0 + byte_at, tl.load(codes_ptr + c0 + byte_at, mask=byte_ok), mask=byte_ok)
+    tl.store(undo_stats_ptr + 2 * (q0 + rb), lo, mask=has_bucket)
+    tl.store(undo_stats_ptr + 2 * (q0 + rb) + 1, hi, mask=has_bucket)
+    _save_slot(idx_ptr, val_ptr, undo_idx_ptr, undo_val_ptr, k0, k, KP)
     u = tl.div_rn(hi - lo, 15.0)
     a = g + (lo[:, None] + code.to(tl.float32) * u[:, None])
     a = tl.where(inside, a, 0.0)
@@ -272,9 +324,7 @@ def _compress(
     tl.store(stats_ptr + 2 * (q0 + rb), b_lo, mask=has_bucket)
     tl.store(stats_ptr + 2 * (q0 + rb) + 1, b_hi, mask=has_bucket)
     even, odd = tl.split(tl.reshape(codes, [NB, BS // 2, 2]))
-    pair = tl.arange(0, BS // 2)[None, :]
-    byte_at = rb[:, None] * (QB // 2) + pair
-    tl.store(codes_ptr + c0 + byte_at, (even | (odd << 4)).to(tl.uint8), mask=(2 * pair < QB) & (byte_at < ef_bytes))
+    tl.store(codes_ptr + c0 + byte_at, (even | (odd << 4)).to(tl.uint8), mask=byte_ok)
 
 
 @triton.jit
@@ -284,6 +334,11 @@ def _compress_odd_buckets(
     stats_ptr,
     idx_ptr,
     val_ptr,
+    flag_ptr,
+    undo_codes_ptr,
+    undo_stats_ptr,
+    undo_idx_ptr,
+    undo_val_ptr,
     n,
     k,
     num_cols,
@@ -301,6 +356,7 @@ def _compress_odd_buckets(
     BLOCK: tl.constexpr,
     HALF: tl.constexpr,
     GRAD_BF16: tl.constexpr,
+    KP: tl.constexpr,
 ):
     """``_compress`` for an odd bucket size (4-bit code pairs straddle buckets): the block as
     one row, per-element bucket statistics and a runtime loop over the buckets."""
@@ -314,16 +370,22 @@ def _compress_odd_buckets(
     offs = tl.arange(0, BLOCK)
     inside = offs < n
 
-    # 1. a = g + dequant(e)
-    if GRAD_BF16:
-        g = _bf16_bits_to_f32(tl.load(grad_ptr + e0 + offs, mask=inside, other=0))
-    else:
-        g = tl.load(grad_ptr + e0 + offs, mask=inside, other=0.0)
+    # 1. a = g + dequant(e), the gradient checked on the way
+    g, g_mag = _load_grad(grad_ptr + e0 + offs, inside, GRAD_BF16)
+    _flag_nonfinite(flag_ptr, tl.max(g_mag, axis=0))
     byte = tl.load(codes_ptr + c0 + offs // 2, mask=inside, other=0).to(tl.int32)
     code = (byte >> ((offs % 2) * 4)) & 0xF
     bucket = offs // bucket_size
     lo = tl.load(stats_ptr + 2 * (q0 + bucket), mask=inside, other=0.0)
     hi = tl.load(stats_ptr + 2 * (q0 + bucket) + 1, mask=inside, other=0.0)
+    # the undo record, restored by _update if the step is skipped
+    old_byte, _ = tl.split(tl.reshape(byte, [HALF, 2]))
+    pair = tl.arange(0, HALF)
+    tl.store(undo_codes_ptr + c0 + pair, old_byte.to(tl.uint8), mask=pair < ef_bytes)
+    first = inside & (offs % bucket_size == 0)  # one element per bucket carries its statistics
+    tl.store(undo_stats_ptr + 2 * (q0 + bucket), lo, mask=first)
+    tl.store(undo_stats_ptr + 2 * (q0 + bucket) + 1, hi, mask=first)
+    _save_slot(idx_ptr, val_ptr, undo_idx_ptr, undo_val_ptr, k0, k, KP)
     a = g + (lo + code.to(tl.float32) * tl.div_rn(hi - lo, 15.0))
     a = tl.where(inside, a, 0.0)
 
@@ -370,7 +432,6 @@ def _compress_odd_buckets(
         tl.store(stats_ptr + 2 * (q0 + b), b_lo)
         tl.store(stats_ptr + 2 * (q0 + b) + 1, b_hi)
     even, odd = tl.split(tl.reshape(codes, [HALF, 2]))
-    pair = tl.arange(0, HALF)
     tl.store(codes_ptr + c0 + pair, (even | (odd << 4)).to(tl.uint8), mask=pair < ef_bytes)
 
 
@@ -400,15 +461,95 @@ def _update(
     val_ptr,
     w1_ptr,
     w2_ptr,
+    flag_ptr,
+    codes_ptr,
+    stats_ptr,
+    undo_codes_ptr,
+    undo_stats_ptr,
+    undo_idx_ptr,
+    undo_val_ptr,
     n,
     k,
     num_cols,
     filled,
+    slot,
     slot_stride,
+    buckets,
+    ef_bytes,
     elem_off,
     elem_row,
     k_off,
     k_row,
+    ef_off,
+    ef_row,
+    q_off,
+    q_row,
+    lr,
+    c1,
+    c2,
+    eps,
+    decay,
+    ENTRIES: tl.constexpr,
+    PARAM_BF16: tl.constexpr,
+    DECAY: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RESTORE: tl.constexpr = True,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // num_cols
+    col = pid % num_cols
+    e0 = elem_off + row * elem_row + col * n
+    k0 = k_off + row * k_row + col * k
+    skipped = 0
+    if RESTORE:  # RESTORE=False: kernel_cost.py's fast path (the restore branch left out)
+        skipped = tl.load(flag_ptr)
+    if skipped != 0:
+        # the step is skipped (a non-finite gradient somewhere in the parameter, on some rank):
+        # put back what _compress overwrote; the parameter is not written
+        c0 = ef_off + row * ef_row + col * ef_bytes
+        q0 = q_off + row * q_row + col * buckets
+        _restore(idx_ptr + slot * slot_stride + k0, undo_idx_ptr + k0, k, 256)
+        _restore(val_ptr + slot * slot_stride + k0, undo_val_ptr + k0, k, 256)
+        _restore(codes_ptr + c0, undo_codes_ptr + c0, ef_bytes, 256)
+        _restore(stats_ptr + 2 * q0, undo_stats_ptr + 2 * q0, 2 * buckets, 256)
+    else:
+        _apply_update(
+            param_ptr,
+            idx_ptr,
+            val_ptr,
+            w1_ptr,
+            w2_ptr,
+            n,
+            k,
+            filled,
+            slot_stride,
+            e0,
+            k0,
+            lr,
+            c1,
+            c2,
+            eps,
+            decay,
+            ENTRIES,
+            PARAM_BF16,
+            DECAY,
+            BLOCK,
+        )
+
+
+@triton.jit
+def _apply_update(
+    param_ptr,
+    idx_ptr,
+    val_ptr,
+    w1_ptr,
+    w2_ptr,
+    n,
+    k,
+    filled,
+    slot_stride,
+    e0,
+    k0,
     lr,
     c1,
     c2,
@@ -419,11 +560,6 @@ def _update(
     DECAY: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // num_cols
-    col = pid % num_cols
-    e0 = elem_off + row * elem_row + col * n
-    k0 = k_off + row * k_row + col * k
     total = filled * k
     ent = tl.arange(0, ENTRIES)
     valid = ent < total
@@ -470,111 +606,148 @@ def _as_bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
-def microadam_blocks_triton_(
+def _check_buffers(t: torch.Tensor, what: str) -> None:
+    if t.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"the Triton path takes fp32 or bf16 parameters and gradients, got a {t.dtype} {what}")
+    if not t.is_contiguous():
+        raise ValueError(f"the Triton path needs a contiguous {what} buffer")
+
+
+def _check_state(state: dict[str, torch.Tensor]) -> None:
+    if state["window_idx"].stride(1) != 1 or state["ef_codes"].stride(0) != 1 or not state["ef_stats"].is_contiguous():
+        raise ValueError("the Triton path needs state tensors whose last dimension is contiguous")
+
+
+def _rect_offsets(rect) -> tuple[int, ...]:
+    return (
+        rect.elem_offset,
+        rect.elem_row_stride,
+        rect.k_offset,
+        rect.k_row_stride,
+        rect.ef_offset,
+        rect.ef_row_stride,
+        rect.bucket_offset,
+        rect.bucket_row_stride,
+    )
+
+
+def compress_triton_(
     geometry: Geometry,
     b0: int,
     b1: int,
-    param: torch.Tensor,
     grad: torch.Tensor,
     state: dict[str, torch.Tensor],
     cfg: StepConfig,
-) -> None:
-    """The Triton path of ``functional.microadam_blocks_`` (same arguments, same results)."""
-    if param.dtype not in (torch.float32, torch.bfloat16) or grad.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(
-            f"the Triton path takes fp32 or bf16 parameters and gradients, got {param.dtype} and {grad.dtype}"
-        )
-    if not (param.is_contiguous() and grad.is_contiguous()):
-        raise ValueError("the Triton path needs contiguous parameter and gradient buffers")
-    win_idx, win_val = state["window_idx"], state["window_val"]
-    if win_idx.stride(1) != 1 or state["ef_codes"].stride(0) != 1 or not state["ef_stats"].is_contiguous():
-        raise ValueError("the Triton path needs state tensors whose last dimension is contiguous")
-    m = cfg.window_size
-    slot, filled, w1, w2 = window_weights(cfg, param.device)
-    c1, c2 = bias_corrections(cfg.step, cfg.beta1, cfg.beta2)
-    grad_bits, param_bits = _as_bits(grad), _as_bits(param)
-    idx_slot = win_idx[slot]
-    val_slot = win_val[slot].view(torch.int16)
+    flag: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The first half of a step on blocks [b0, b1): the step's one read of the gradient. Writes
+    the new ring slot, codes and bucket statistics, sets ``flag`` (an int32 scalar on the device)
+    to 1 when the gradient holds a NaN or an infinity, and returns the undo record (the slot
+    entries, codes and statistics it overwrote) that ``update_triton_`` restores from when the
+    step is skipped. No host synchronization."""
+    _check_buffers(grad, "gradient")
+    _check_state(state)
+    slot = (cfg.step - 1) % cfg.window_size
+    idx_slot, val_slot = state["window_idx"][slot], state["window_val"][slot].view(torch.int16)
+    undo = {
+        "ef_codes": torch.empty_like(state["ef_codes"]),
+        "ef_stats": torch.empty_like(state["ef_stats"]),
+        "window_idx": torch.empty_like(idx_slot),
+        "window_val": torch.empty_like(val_slot),
+    }
+    buffers = (
+        _as_bits(grad),
+        state["ef_codes"],
+        state["ef_stats"],
+        idx_slot,
+        val_slot,
+        flag,
+        undo["ef_codes"],
+        undo["ef_stats"],
+        undo["window_idx"],
+        undo["window_val"],
+    )
+    qb = geometry.quant_bucket_size
     for rect in geometry.rects(b0, b1):
         n, k = rect.block_len, rect.k
-        block = triton.next_power_of_2(max(n, 2))
-        entries = triton.next_power_of_2(max(filled * k, 2))
-        if entries > MAX_WINDOW_ENTRIES:
-            raise ValueError(
-                f"the Triton path handles window_size * k <= {MAX_WINDOW_ENTRIES} entries per "
-                f"block, got {m} * {k}; use backend='torch' or a smaller density/block_size"
-            )
-        grid = (rect.num_blocks,)
-        qb = geometry.quant_bucket_size
-        offsets = (
-            rect.elem_offset,
-            rect.elem_row_stride,
-            rect.k_offset,
-            rect.k_row_stride,
-            rect.ef_offset,
-            rect.ef_row_stride,
-            rect.bucket_offset,
-            rect.bucket_row_stride,
-        )
+        _check_entries(cfg.window_size, k)
+        sizes = (n, k, rect.num_cols, rect.buckets, rect.ef_bytes)
+        common = dict(GRAD_BF16=grad.dtype == torch.bfloat16, KP=triton.next_power_of_2(k), **LAUNCH_OPTIONS)
         if qb % 2 == 0:  # a row of [buckets, bucket size] per bucket
             nb, bs = triton.next_power_of_2(rect.buckets), triton.next_power_of_2(min(qb, max(n, 2)))
             groups = min(TOPK_GROUPS, nb * bs)
             cand = min(TOPK_CANDIDATES, 1 << (2 * k).bit_length() - 1)  # a power of two <= 2k
-            _compress[grid](
-                grad_bits,
-                state["ef_codes"],
-                state["ef_stats"],
-                idx_slot,
-                val_slot,
-                n,
-                k,
-                rect.num_cols,
-                rect.buckets,
-                rect.ef_bytes,
-                *offsets,
+            _compress[(rect.num_blocks,)](
+                *buffers,
+                *sizes,
+                *_rect_offsets(rect),
                 NB=nb,
                 BS=bs,
                 QB=qb,
-                GRAD_BF16=grad.dtype == torch.bfloat16,
                 TOPK_FAST=k <= min(groups, cand),
                 G=groups,
                 CAND=cand,
-                **LAUNCH_OPTIONS,
+                **common,
             )
         else:
-            _compress_odd_buckets[grid](
-                grad_bits,
-                state["ef_codes"],
-                state["ef_stats"],
-                idx_slot,
-                val_slot,
-                n,
-                k,
-                rect.num_cols,
-                rect.buckets,
-                rect.ef_bytes,
-                qb,
-                *offsets,
-                BLOCK=block,
-                HALF=block // 2,
-                GRAD_BF16=grad.dtype == torch.bfloat16,
-                **LAUNCH_OPTIONS,
+            block = triton.next_power_of_2(max(n, 2))
+            _compress_odd_buckets[(rect.num_blocks,)](
+                *buffers, *sizes, qb, *_rect_offsets(rect), BLOCK=block, HALF=block // 2, **common
             )
-        _update[grid](
-            param_bits,
+    return undo
+
+
+def _check_entries(window_size: int, k: int) -> None:
+    if not supports(window_size, k):
+        raise ValueError(
+            f"the Triton path handles window_size * k <= {MAX_WINDOW_ENTRIES} entries per "
+            f"block, got {window_size} * {k}; use backend='torch' or a smaller density/block_size"
+        )
+
+
+def update_triton_(
+    geometry: Geometry,
+    b0: int,
+    b1: int,
+    param: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    cfg: StepConfig,
+    flag: torch.Tensor,
+    undo: dict[str, torch.Tensor],
+) -> None:
+    """The second half: the sparse update from the window (then the densification when alpha is
+    set); or, when ``flag`` is set (read on the device), the state put back from ``undo`` and the
+    parameter left as it was."""
+    _check_buffers(param, "parameter")
+    win_idx, win_val = state["window_idx"], state["window_val"]
+    slot, filled, w1, w2 = window_weights(cfg, param.device)
+    c1, c2 = bias_corrections(cfg.step, cfg.beta1, cfg.beta2)
+    for rect in geometry.rects(b0, b1):
+        n, k = rect.block_len, rect.k
+        block = triton.next_power_of_2(max(n, 2))
+        entries = triton.next_power_of_2(max(filled * k, 2))
+        _update[(rect.num_blocks,)](
+            _as_bits(param),
             win_idx,
             win_val.view(torch.int16),
             w1,
             w2,
+            flag,
+            state["ef_codes"],
+            state["ef_stats"],
+            undo["ef_codes"],
+            undo["ef_stats"],
+            undo["window_idx"],
+            undo["window_val"],
             n,
             k,
             rect.num_cols,
             filled,
+            slot,
             win_idx.stride(0),
-            rect.elem_offset,
-            rect.elem_row_stride,
-            rect.k_offset,
-            rect.k_row_stride,
+            rect.buckets,
+            rect.ef_bytes,
+            *_rect_offsets(rect),
             cfg.lr,
             c1,
             c2,
@@ -590,4 +763,21 @@ def microadam_blocks_triton_(
             num_warps=1 if block <= 4096 and entries <= 1024 else 4,
         )
     if cfg.alpha != 0.0:  # the authors' densification: one more pass (kernels/densify.py)
-        densify_triton_(geometry, b0, b1, param, state, cfg)
+        densify_triton_(geometry, b0, b1, param, state, cfg, flag)
+
+
+def microadam_blocks_triton_(
+    geometry: Geometry,
+    b0: int,
+    b1: int,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    cfg: StepConfig,
+) -> None:
+    """The Triton path of ``functional.microadam_blocks_`` (same arguments, same results): both
+    halves. A gradient with a NaN or an infinity leaves state and parameter as they were."""
+    flag = torch.zeros((), dtype=torch.int32, device=param.device)
+    update_triton_(
+        geometry, b0, b1, param, state, cfg, flag, compress_triton_(geometry, b0, b1, grad, state, cfg, flag)
+    )

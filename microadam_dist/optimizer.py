@@ -18,7 +18,7 @@ from .engine import PARAMS, Engine
 from .functional import microadam_blocks_
 from .geometry import Geometry, geometry_of, topk_count
 from .hyperparams import DEFAULT_BLOCK_SIZE, DEFAULT_QUANT_BUCKET_SIZE, validate_hyperparameters
-from .sharded import ShardedStepper
+from .sharded import ShardedStepper, SplitStep
 from .state import state_nbytes
 
 BACKENDS = ("auto", "torch", "triton")
@@ -156,25 +156,22 @@ class MicroAdam(torch.optim.Optimizer):
         """Exact bytes of all optimizer state tensors on this rank (step counters included)."""
         return sum(map(state_nbytes, self.state.values()))
 
-    def blocks_fn(self, device: torch.device):
-        """The implementation of one step on a block range for tensors on ``device``.
+    def blocks_fn(self, device: torch.device, group: dict[str, Any]):
+        """The implementation of one step on a block range for ``group``'s tensors on ``device``:
+        the PyTorch reference (a function), or the Triton kernels as a ``sharded.SplitStep`` (the
+        gradient read once, its finiteness checked on the way).
 
         ``"auto"`` takes the Triton kernels for CUDA tensors when triton is installed and the
-        kernels take the geometry, the PyTorch reference otherwise (always on the CPU).
+        kernels take the group's largest block, the PyTorch reference otherwise (always on the CPU).
         """
         if self.backend == "torch" or (self.backend == "auto" and not (device.type == "cuda" and triton_available())):
             return microadam_blocks_
         from .kernels import triton_path
 
-        if self.backend == "triton":  # its limits were checked when the groups were added
-            return triton_path.microadam_blocks_triton_
-
-        def auto(geometry, b0, b1, param, grad, state, cfg):
-            k = max((rect.k for rect in geometry.rects(b0, b1)), default=0)
-            fn = triton_path.microadam_blocks_triton_ if triton_path.supports(cfg.window_size, k) else microadam_blocks_
-            return fn(geometry, b0, b1, param, grad, state, cfg)
-
-        return auto
+        k = topk_count(float(group["density"]), group["block_size"])  # the group's largest block
+        if self.backend == "auto" and not triton_path.supports(group["window_size"], k):
+            return microadam_blocks_
+        return SplitStep(triton_path.compress_triton_, triton_path.update_triton_)
 
     # ---- the step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -197,7 +194,7 @@ class MicroAdam(torch.optim.Optimizer):
                 if stepper is None:
                     stepper = self._steppers[work.key] = ShardedStepper(work.process_group, local=work.local)
                 device = work.segments[0].param.device
-                skipped = stepper.step(work.segments, work.states, self.chunk_elements, self.blocks_fn(device))
+                skipped = stepper.step(work.segments, work.states, self.chunk_elements, self.blocks_fn(device, group))
                 if work.finish is not None:
                     work.finish()
                 for key in skipped:

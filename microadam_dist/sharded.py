@@ -18,7 +18,7 @@ on block boundaries (FSDP2 shards of 2-D and larger parameters: whole rows) exch
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,6 +29,23 @@ from .distributed import collective_device
 from .functional import StepConfig, any_nonzero, microadam_blocks_, nonfinite_flags
 from .geometry import Geometry
 from .state import StateLayout
+
+# the undo records of a fused step (``SplitStep``) live for one chunk of parameters: at most about
+# this many elements per rank (half a byte each for the 4-bit codes)
+UNDO_CHUNK_ELEMENTS = 1 << 27
+
+
+@dataclass(frozen=True)
+class SplitStep:
+    """A step implementation in two halves around the finiteness decision, so that the gradient
+    is read once (the Triton path). ``compress(geometry, b0, b1, grad, state, cfg, flag)`` writes
+    the new window slot and error feedback, sets ``flag`` (an int32 scalar on the device) when the
+    gradient holds a NaN or an infinity, and returns an undo record; ``update(geometry, b0, b1,
+    param, state, cfg, flag, undo)`` applies the step or, with the flag set (by any rank), puts
+    the state back. Called as a ``blocks_fn`` it runs both halves."""
+
+    compress: Callable
+    update: Callable
 
 
 @dataclass
@@ -77,16 +94,31 @@ class _Plan:
     my_tails: list = field(default_factory=list)  # (seg index, [(src rank, src off, length, return off)] parts)
     my_head_returns: list = field(default_factory=list)  # (seg index, local off, length, owner, off)
     keys: list = field(default_factory=list)  # every rank's parameter keys, in a common order
+    chunks: list = field(default_factory=list)  # [lo, hi) ranges of keys: a fused step's undo lifetime
 
 
-def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: int) -> _Plan:
-    """layout[r] = [(key, start, end, head_end, tail_end), ...] of rank r's segments, in order."""
+def _key_chunks(keys: list, numel: dict, world: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of ``keys`` of about UNDO_CHUNK_ELEMENTS elements or fewer per rank (a
+    larger parameter makes a chunk of its own); every rank computes the same from the layouts."""
+    chunks, lo, size = [], 0, 0
+    for i, key in enumerate(keys):
+        n = -(-numel[key] // world)
+        if i > lo and size + n > UNDO_CHUNK_ELEMENTS:
+            chunks.append((lo, i))
+            lo, size = i, 0
+        size += n
+    return chunks + [(lo, len(keys))] if keys else chunks
+
+
+def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int, int]]], rank: int) -> _Plan:
+    """layout[r] = [(key, start, end, head_end, tail_end, numel), ...] of rank r's segments, in
+    order; numel is the whole parameter's."""
     plan = _Plan()
     heads = {}  # (key, start) -> (rank, send offset, end, head end) of every non-empty head
     send_lens = []
     for r, segs in enumerate(layout):
         off = 0
-        for i, (key, start, end, head_end, _) in enumerate(segs):
+        for i, (key, start, end, head_end, *_) in enumerate(segs):
             if head_end > start:
                 heads[(key, start)] = (r, off, end, head_end)
                 if r == rank:
@@ -98,7 +130,7 @@ def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: i
     return_lens = []
     for r, segs in enumerate(layout):
         off = 0
-        for i, (key, start, end, head_end, tail_end) in enumerate(segs):
+        for i, (key, start, end, head_end, tail_end, _) in enumerate(segs):
             parts = []
             pos = end
             while pos < tail_end:
@@ -114,7 +146,7 @@ def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: i
             if r == rank and parts:
                 plan.my_tails.append((i, parts))
         return_lens.append(off)
-    for i, (key, start, end, head_end, _) in enumerate(layout[rank]):
+    for i, (key, start, end, head_end, *_) in enumerate(layout[rank]):
         if head_end > start:
             if (key, start) not in returned:
                 raise RuntimeError(
@@ -125,6 +157,7 @@ def _build_plan(layout: list[list[tuple[Hashable, int, int, int, int]]], rank: i
             plan.my_head_returns.append((i, 0, head_end - start, owner, off))
     plan.send_len, plan.return_len = max(send_lens), max(return_lens)
     plan.keys = list(dict.fromkeys(key for segs in layout for key, *_ in segs))
+    plan.chunks = _key_chunks(plan.keys, {seg[0]: seg[-1] for segs in layout for seg in segs}, len(layout))
     return plan
 
 
@@ -150,7 +183,7 @@ class ShardedStepper:
 
     @staticmethod
     def _layout(segments: list[Segment]) -> list[tuple]:
-        return [(s.key, s.start, s.end, s.head()[1], s.tail_end()) for s in segments]
+        return [(s.key, s.start, s.end, s.head()[1], s.tail_end(), s.geometry.numel) for s in segments]
 
     def plan(self, segments: list[Segment], *, replan: bool | None = None) -> _Plan:
         """The exchange plan of this layout. Every rank must call it together when ``replan`` is
@@ -175,16 +208,23 @@ class ShardedStepper:
     def step(
         self, segments: list[Segment], states: dict[Hashable, dict], chunk_elements: int, blocks_fn=microadam_blocks_
     ) -> list[Hashable]:
-        """One step of every segment; ``blocks_fn`` is the reference or the Triton path.
+        """One step of every segment; ``blocks_fn`` is the reference (a function) or a ``SplitStep``.
 
         Returns the keys of the parameters skipped because some rank's part of the gradient held a NaN
         or an infinity (all ranks skip them together: state, step count and values unchanged).
         Step counts advance only once a parameter's step has been applied.
+
+        The finiteness check: with a function, one batched check of the gradients before the step
+        (``functional.nonfinite_flags``); with a ``SplitStep``, the compress half flags a non-finite
+        gradient on the device as it reads it, the flags are all-reduced on the device, and the
+        update half skips (and undoes) flagged parameters. The host reads the flags once, at the
+        end. A step where some parameter has no state yet (the probe decision) checks first.
         """
         rank, world = self._world()
         param_device = segments[0].param.device if segments else torch.device("cpu")
         device = collective_device(self.process_group, param_device) if world > 1 else param_device
-        plan, skipped, probes = self._agree(segments, states, world, device)
+        split = isinstance(blocks_fn, SplitStep)
+        plan, skipped, probes, checked = self._agree(segments, states, world, device, precheck=not split)
         for seg in segments:
             if seg.grad is not None and seg.key not in skipped:
                 state = states.setdefault(seg.key, {})
@@ -208,15 +248,12 @@ class ShardedStepper:
         # 2. owners step on their blocks, the received tail appended
         ret = torch.zeros(plan.return_len, dtype=torch.float32, device=param_device)
         tails = dict(plan.my_tails)
+        jobs = []
         for i, seg in enumerate(segments):
-            b0, b1 = seg.owned_blocks()
             if seg.grad is None:
                 self._fill_returns(ret, tails.get(i, []), gathered, param=None)
                 continue
-            state = states[seg.key]
-            if b1 == b0:
-                state["step"] += 1
-                continue
+            b0, b1 = seg.owned_blocks()
             e0, e1 = seg.region()
             lo, hi = e0 - seg.start, min(e1, seg.end) - seg.start
             param, grad = seg.param[lo:hi], seg.grad[lo:hi]
@@ -224,10 +261,19 @@ class ShardedStepper:
                 parts = tails[i]
                 param = torch.cat([param] + [gathered[r][o + n : o + 2 * n].to(param.dtype) for r, o, n, _ in parts])
                 grad = torch.cat([grad] + [gathered[r][o : o + n].to(grad.dtype) for r, o, n, _ in parts])
+            state = states[seg.key]
             cfg = StepConfig.from_group(seg.group, step=int(state["step"]) + 1, chunk_elements=chunk_elements)
-            blocks_fn(seg.geometry, b0, b1, param, grad, state, cfg)
-            state["step"] += 1
-            if i in tails:
+            jobs.append((i, seg, (seg.geometry, b0, b1), param, grad, state, cfg, (lo, hi)))
+        if split:
+            skipped = self._fused_steps(jobs, plan, world, (param_device, device), blocks_fn, checked)
+        else:
+            for _, _, blocks, param, grad, state, cfg, _ in jobs:
+                if blocks[2] > blocks[1]:
+                    blocks_fn(*blocks, param, grad, state, cfg)
+        for i, seg, _, param, _, state, _, (lo, hi) in jobs:
+            if seg.key not in skipped:
+                state["step"] += 1
+            if i in tails:  # (a skipped parameter's values come back unchanged)
                 seg.param[lo:hi].copy_(param[: hi - lo])
                 self._fill_returns(ret, tails[i], gathered, param=param[hi - lo :])
 
@@ -237,6 +283,30 @@ class ShardedStepper:
             for i, off, n, owner, src in plan.my_head_returns:
                 segments[i].param[off : off + n].copy_(back[owner][src : src + n])
         return sorted(skipped, key=plan.keys.index)
+
+    def _fused_steps(self, jobs, plan, world, devices, split: SplitStep, checked: bool) -> set:
+        """Both halves of a ``SplitStep`` for every job, a chunk of parameters at a time (the undo
+        records live for one chunk): compress, all-reduce the chunk's flags on the device, update.
+        Returns the skipped keys: the flags read once, after the last chunk (none to read when the
+        step was checked before: the skipped parameters were taken out then)."""
+        param_device, collective = devices
+        index = {key: i for i, key in enumerate(plan.keys)}
+        flags = torch.zeros(len(plan.keys), dtype=torch.int32, device=param_device)
+        for lo, hi in plan.chunks:
+            chunk = [job for job in jobs if lo <= index[job[1].key] < hi and job[2][2] > job[2][1]]
+            undo = [
+                split.compress(*blocks, grad, state, cfg, flags[index[seg.key]])
+                for _, seg, blocks, _, grad, state, cfg, _ in chunk
+            ]
+            if world > 1 and not checked:  # (through CUDA under NCCL for CPU-offloaded parameters)
+                agreed = flags[lo:hi].to(collective)
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.process_group)
+                flags[lo:hi].copy_(agreed)
+            for (_, seg, blocks, param, _, state, cfg, _), rec in zip(chunk, undo):
+                split.update(*blocks, param, state, cfg, flags[index[seg.key]], rec)
+        if checked:
+            return set()
+        return {key for key, flag in zip(plan.keys, flags.tolist()) if flag}
 
     @staticmethod
     def _fill_returns(ret, parts, gathered, param):
@@ -252,32 +322,44 @@ class ShardedStepper:
         dist.all_gather(out, t, group=self.process_group)
         return out
 
-    def _agree(self, segments, states, world, device) -> tuple[_Plan, set, set]:
+    def _agree(self, segments, states, world, device, precheck: bool) -> tuple[_Plan, set, set, bool]:
         """The decisions all ranks must share: the exchange plan (rebuilt when some rank's layout
         changed), the parameters whose gradient holds a NaN or an infinity on some rank (skipped:
         nothing changes), and the *probes*: parameters without state whose group has lr 0 and whose
         gradient is zero on every rank (the state-creating step torch.distributed.checkpoint runs:
         state is created, nothing else changes). One all-reduce of a fixed size decides whether
-        anything is to look at (its result is the step's one read of device values on the host);
-        only then (first steps, non-finite gradients), on every rank together, a second one says
-        which parameters."""
+        anything is to look at; only then (first steps, non-finite gradients), on every rank
+        together, a second one says which parameters.
+
+        ``precheck``: the gradients are checked here (the reference path; the first all-reduce's
+        result is then the step's one read of device values on the host). Without it (a fused
+        step checks as it reads) the first all-reduce holds host values only and runs on the CPU
+        where the group's backend takes CPU tensors; a step where some parameter has no state yet
+        still checks here, for the probe decision. The last value returned says whether it did."""
         stepping = [s for s in segments if s.grad is not None]
         fresh = [s for s in stepping if not states.get(s.key)]
-        # on the gradients' device: the usual step reads the flags back once (the all-reduce's result)
-        nonfinite = nonfinite_flags([s.grad for s in stepping])
         stale = self._plan is None or self._layout(segments) != self._plan_key
         if world == 1:
             plan = self.plan(segments, replan=stale)
+            if not (precheck or fresh):
+                return plan, set(), set(), False
+            nonfinite = nonfinite_flags([s.grad for s in stepping])
             bad = {s.key for s, flag in zip(stepping, nonfinite.tolist()) if flag}
-            return plan, bad, {s.key for s in fresh} - self._live(fresh, bad) - bad
-        local = torch.stack(
-            [torch.tensor(stale).to(nonfinite.device), torch.tensor(bool(fresh)).to(nonfinite.device), nonfinite.any()]
-        ).to(device, torch.int64)
+            return plan, bad, {s.key for s in fresh} - self._live(fresh, bad) - bad, True
+        where = device if precheck else collective_device(self.process_group, "cpu")
+        local = torch.tensor([stale, bool(fresh), False], dtype=torch.int64, device=where)
+        if precheck:  # on the gradients' device: no read back before the all-reduce's result
+            nonfinite = nonfinite_flags([s.grad for s in stepping])
+            local[2] = nonfinite.any()
         dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.process_group)
         stale, any_fresh, any_bad = local.tolist()
         plan = self.plan(segments, replan=bool(stale))
+        if not (precheck or any_fresh):
+            return plan, set(), set(), False
+        if not precheck:
+            nonfinite = nonfinite_flags([s.grad for s in stepping])
         if not (any_fresh or any_bad):
-            return plan, set(), set()
+            return plan, set(), set(), True
         bad = {s.key for s, flag in zip(stepping, nonfinite.tolist()) if flag}
         live = self._live(fresh, bad)
         # per parameter: [non-finite somewhere, fresh somewhere, not a probe somewhere]
@@ -293,7 +375,7 @@ class ShardedStepper:
                 skipped.add(key)
             elif is_fresh and not is_live:
                 probes.add(key)
-        return plan, skipped, probes
+        return plan, skipped, probes, True
 
     @staticmethod
     def _live(fresh: list[Segment], bad: set) -> set:

@@ -14,7 +14,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 assert not os.environ.get("TRITON_INTERPRET"), "run without TRITON_INTERPRET"
+from microadam_dist.kernels import densify  # noqa: E402
 from microadam_dist.kernels import triton_path as tp  # noqa: E402
+
+# the undo record and the non-finite flag, shared by the compress and update kernels
+UNDO = {
+    "flag_ptr": "*i32",
+    "undo_codes_ptr": "*u8",
+    "undo_stats_ptr": "*fp32",
+    "undo_idx_ptr": "*i16",
+    "undo_val_ptr": "*i16",
+}
 
 
 def compile_variant(fn, arch, pointer_types, constexprs, scalar_types=None):
@@ -50,6 +60,7 @@ def main():
                 "stats_ptr": "*fp32",
                 "idx_ptr": "*i16",
                 "val_ptr": "*i16",
+                **UNDO,
             }
             for block in blocks:
                 bucket = 16 if block == 64 else 2048  # the tests' and the default geometry
@@ -67,6 +78,7 @@ def main():
                                 "TOPK_FAST": True,
                                 "G": min(128, block),
                                 "CAND": 64 if block > 64 else 8,
+                                "KP": 64 if block > 64 else 4,
                                 "RADIX_FALLBACK": True,
                             },
                         )
@@ -85,6 +97,9 @@ def main():
                                     "val_ptr": "*i16",
                                     "w1_ptr": "*fp32",
                                     "w2_ptr": "*fp32",
+                                    "codes_ptr": "*u8",
+                                    "stats_ptr": "*fp32",
+                                    **UNDO,
                                 },
                                 {"ENTRIES": 512, "PARAM_BF16": bf16, "DECAY": decay, "BLOCK": block},
                                 floats,
@@ -96,7 +111,23 @@ def main():
             print(
                 json.dumps(
                     compile_variant(
-                        tp._compress_odd_buckets, arch, compress_ptrs, {"BLOCK": 128, "HALF": 64, "GRAD_BF16": bf16}
+                        tp._compress_odd_buckets,
+                        arch,
+                        compress_ptrs,
+                        {"BLOCK": 128, "HALF": 64, "GRAD_BF16": bf16, "KP": 8},
+                    )
+                ),
+                flush=True,
+            )
+            # the densification pass (alpha > 0)
+            print(
+                json.dumps(
+                    compile_variant(
+                        densify._densify,
+                        arch,
+                        {"param_ptr": data, "codes_ptr": "*u8", "stats_ptr": "*fp32", "flag_ptr": "*i32"},
+                        {"BLOCK": 4096, "HALF": 2048, "PARAM_BF16": bf16},
+                        {"lr_alpha": "fp32", "keep": "fp32"},
                     )
                 ),
                 flush=True,

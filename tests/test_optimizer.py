@@ -232,7 +232,7 @@ def test_triton_backend_without_triton_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='triton' needs the triton package"):
         MicroAdam([torch.zeros(3, requires_grad=True)], lr=1e-3, backend="triton")
     opt = MicroAdam([torch.zeros(3, requires_grad=True)], lr=1e-3, backend="auto")
-    assert opt.blocks_fn(torch.device("cpu")).__name__ == "microadam_blocks_"
+    assert opt.blocks_fn(torch.device("cpu"), opt.param_groups[0]).__name__ == "microadam_blocks_"
 
 
 def test_rejects_sparse_and_complex():

@@ -31,23 +31,19 @@ def test_triton_backend_refuses_a_geometry_over_its_limit_when_built():
 
 @needs_triton
 def test_auto_backend_falls_back_to_the_reference_for_such_a_geometry():
-    """The "auto" path for CUDA tensors, run here on CPU tensors: for blocks over the kernels'
-    limit it must take the reference, for all 12 steps (bitwise the reference's result)."""
-    torch.manual_seed(0)
-    p_auto = torch.nn.Parameter(torch.randn(4096))
-    p_ref = torch.nn.Parameter(p_auto.detach().clone())
-    auto = MicroAdam([p_auto], lr=1e-3, backend="auto", **OVER)
-    ref = MicroAdam([p_ref], lr=1e-3, backend="torch", **OVER)
-    auto_step = auto.blocks_fn(torch.device("cuda"))  # what "auto" runs for a CUDA parameter
-    assert auto_step is not microadam_blocks_
-    auto.blocks_fn = lambda device: auto_step
-    for _ in range(12):
-        g = torch.randn(4096)
-        p_auto.grad, p_ref.grad = g.clone(), g.clone()
-        auto.step()
-        ref.step()
-    assert torch.equal(p_auto, p_ref)
-    assert int(auto.state[p_auto]["step"]) == 12
+    """What "auto" runs for CUDA tensors: the Triton kernels (both halves of a fused step) where
+    they take the group's largest block, the reference for a group over their limit."""
+    from microadam_dist.kernels import triton_path
+    from microadam_dist.sharded import SplitStep
+
+    auto = MicroAdam([torch.nn.Parameter(torch.zeros(4096))], lr=1e-3, backend="auto")
+    auto.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4096))], **OVER})
+    fits, over = auto.param_groups
+    assert auto.blocks_fn(torch.device("cuda"), fits) == SplitStep(
+        triton_path.compress_triton_, triton_path.update_triton_
+    )
+    assert auto.blocks_fn(torch.device("cuda"), over) is microadam_blocks_
+    assert auto.blocks_fn(torch.device("cpu"), fits) is microadam_blocks_
 
 
 def test_step_count_advances_only_after_the_step_is_applied():
@@ -60,7 +56,7 @@ def test_step_count_advances_only_after_the_step_is_applied():
     def failing(*args):
         raise RuntimeError("kernel failed")
 
-    opt.blocks_fn = lambda device: failing
+    opt.blocks_fn = lambda device, group: failing
     p.grad = torch.randn(300)
     with pytest.raises(RuntimeError, match="kernel failed"):
         opt.step()

@@ -26,8 +26,9 @@ def test_kernels_compile_for_nvidia_gpus_without_fused_multiply_adds():
     )
     assert run.returncode == 0, run.stderr[-3000:]
     variants = [json.loads(line) for line in run.stdout.splitlines()]
-    # (sm_90 x 2 blocks + sm_80) x {fp32, bf16} x {compress, 2 updates}, + odd-bucket compress per arch and dtype
-    assert len(variants) == 3 * 2 * 3 + 2 * 2
+    # (sm_90 x 2 blocks + sm_80) x {fp32, bf16} x {compress, 2 updates}, + odd-bucket compress and
+    # densification per arch and dtype
+    assert len(variants) == 3 * 2 * 3 + 2 * 2 * 2
     for v in variants:
         assert v["cubin_bytes"] > 0, v
         assert v["fma"] == 0, v  # lo + code * u must round twice, as in the reference
