@@ -265,7 +265,7 @@ class ShardedStepper:
             cfg = StepConfig.from_group(seg.group, step=int(state["step"]) + 1, chunk_elements=chunk_elements)
             jobs.append((i, seg, (seg.geometry, b0, b1), param, grad, state, cfg, (lo, hi)))
         if split:
-            skipped = self._fused_steps(jobs, plan, world, (param_device, device), blocks_fn, checked)
+            skipped = skipped | self._fused_steps(jobs, plan, world, (param_device, device), blocks_fn, checked)
         else:
             for _, _, blocks, param, grad, state, cfg, _ in jobs:
                 if blocks[2] > blocks[1]:

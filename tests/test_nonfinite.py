@@ -51,6 +51,19 @@ def test_nonfinite_gradient_skips_that_parameter(backend, dtype, bad):
     assert all(torch.isfinite(t.float()).all() for t in opt.state[a].values())
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nonfinite_gradient_on_the_first_step(backend):
+    """No state yet: the step checks before it starts (the probe decision needs it), creates no
+    state for the skipped parameter and steps the other one."""
+    a = torch.nn.Parameter(torch.randn(4, 64))
+    b = torch.nn.Parameter(torch.randn(64))
+    opt = MicroAdam([a, b], backend=backend, **HP)
+    a.grad, b.grad = torch.full_like(a, float("inf")), torch.randn_like(b)
+    with pytest.warns(RuntimeWarning, match="NaN or an infinity"):
+        opt.step()
+    assert not opt.state.get(a) and int(opt.state[b]["step"]) == 1 and opt.nonfinite_skips == 1
+
+
 def test_nonfinite_raise_policy():
     p = torch.randn(4, 64, requires_grad=True)
     opt = MicroAdam([p], nonfinite="raise", **HP)
@@ -68,6 +81,10 @@ def test_nonfinite_raise_policy():
 def _fsdp_worker(rank, world, out_dir, backend):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    from microadam_dist import sharded
+
+    sharded.UNDO_CHUNK_ELEMENTS = 64  # the weight and the bias in two chunks: one flag all-reduce each
 
     torch.manual_seed(0)
     model = torch.nn.Linear(70, 9)  # weight (9, 70): row shards; bias (9,): 1-D, owner scheme

@@ -108,3 +108,15 @@ def _check_sharded(tmp_path, kind, world, dtype, alpha):
             merged = torch.cat([got[r]["states"][f"p{i}"][key] for _, r, _ in pieces], dim=dim)
             assert torch.equal(merged, want_states[i][key]), (shape, key)
         assert all(int(got[r]["states"][f"p{i}"]["step"]) == STEPS for _, r, _ in pieces)
+
+
+def test_fused_step_chunks_cover_every_key_once_within_the_budget():
+    """A fused step's undo records live for one chunk of keys; every rank computes the same chunks."""
+    from microadam_dist.sharded import UNDO_CHUNK_ELEMENTS, _key_chunks
+
+    keys = list("abcdef")
+    numel = dict(a=10, b=UNDO_CHUNK_ELEMENTS * 3, c=5, d=UNDO_CHUNK_ELEMENTS, e=1, f=1)
+    chunks = _key_chunks(keys, numel, 2)
+    assert [keys[lo:hi] for lo, hi in chunks] == [["a"], ["b"], ["c", "d", "e", "f"]]
+    assert _key_chunks(keys, numel, 1) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 6)]
+    assert _key_chunks([], {}, 3) == []
