@@ -24,6 +24,9 @@ def triton_path(p_bytes: int, g_bytes: int, weight_decay: bool) -> dict[str, flo
         "codes read + written": 0.5 + 0.5,
         "bucket stats": 2 * stats,
         "ring slot written (int16 + bf16)": 4 * K / BLOCK,
+        # what a step skipped for a non-finite gradient restores: the old codes (read again from the
+        # cache, not from memory), statistics and ring-slot entries, written to the undo record
+        "undo record (old slot read; codes, stats, slot written)": 4 * K / BLOCK + 0.5 + stats + 4 * K / BLOCK,
     }
     update = {
         "window read (int16 + bf16)": 4 * ENTRIES,
