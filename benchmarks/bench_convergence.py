@@ -14,8 +14,8 @@ grid (at most --max-extend extensions; the report says "inside" or "edge"). Then
 run at that rate (seed 0's tuning run is reused). Reported: mean, standard deviation and min-max
 of the final loss over the seeds, the ratio to AdamW, the exact optimizer-state bytes per
 parameter (after training) and the wall seconds per run. Results go to results/convergence.md,
-convergence_gpt.png and convergence_digits.png; the full run takes about 30 minutes on one
-thread of the shared 2 cores (--threads 1).
+convergence_gpt.png and convergence_digits.png; the full run took 18 minutes on one thread of
+the shared 2 cores (--threads 1).
 
     python benchmarks/bench_convergence.py --threads 1            # the full run
     python benchmarks/bench_convergence.py --quick --out /tmp/c   # CI-sized: 40 steps, 5 epochs, 1 seed
