@@ -7,18 +7,17 @@ fixed batches of the validation split, both as in ``microadam_dist.train``. Task
 (64-256-256-10, GELU) on scikit-learn's bundled 8x8 digits (1400 train / 397 test, fixed split,
 standardized), mini-batches of 128 for 40 epochs with the same schedule shape.
 
-For every optimizer and task the learning rate is tuned on seed 0 over a small grid (best final
-validation / test loss), then seeds 0, 1, 2 run at that rate. Reported: mean, standard deviation
-and min-max of the final loss over the seeds, the ratio to AdamW, the exact optimizer-state bytes
-per parameter (after training) and the wall seconds per run. Results go to
-results/convergence.md, convergence_gpt.png and convergence_digits.png.
+For every optimizer and task the learning rate is tuned on seed 0 (best final validation / test
+loss, every tuning run full length): a starting grid of factors of 3 around the best rate of
+earlier runs, extended by a factor of 3 at whichever edge wins until the best rate is inside the
+grid (at most --max-extend extensions; the report says "inside" or "edge"). Then seeds 1 and 2
+run at that rate (seed 0's tuning run is reused). Reported: mean, standard deviation and min-max
+of the final loss over the seeds, the ratio to AdamW, the exact optimizer-state bytes per
+parameter (after training) and the wall seconds per run. Results go to results/convergence.md,
+convergence_gpt.png and convergence_digits.png; the full run took 18 minutes on one thread of
+the shared 2 cores (--threads 1).
 
-The whole run aims at about --budget-minutes (25) on 2 cores: each optimizer's GPT step time is
-measured first with a short probe, and when the full procedure would not fit, only the GPT
-grid-search runs are shortened (to no fewer than 60 steps; the report says so). The runs at the
-chosen rate always have the full length.
-
-    python benchmarks/bench_convergence.py                        # the full run
+    python benchmarks/bench_convergence.py --threads 1            # the full run
     python benchmarks/bench_convergence.py --quick --out /tmp/c   # CI-sized: 40 steps, 5 epochs, 1 seed
 """
 
@@ -29,6 +28,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,34 +36,32 @@ from pathlib import Path
 
 import torch
 from optimizers import make, state_bytes
+from tuning import extend_grid, inside, lr_factor, set_lr
 
 from microadam_dist.data import get_batch, split_corpus
 from microadam_dist.models import GPT, GPTConfig
 
 RESULTS = Path(__file__).parent / "results"
-OPTIMIZERS = ["microadam", "adamw", "bnb_adamw8bit", "torchao_adamw8bit", "torchao_adamw4bit"]
-# learning-rate grids, tuned on the first seed; "adam" is every Adam-family baseline
+OPTIMIZERS = ["microadam", "microadam:alpha=0.5", "adamw", "bnb_adamw8bit", "torchao_adamw8bit", "torchao_adamw4bit"]
+
+
+def around(lr: float) -> list[float]:
+    return [lr / 3, lr, lr * 3]
+
+
+# starting grids, tuned on the first seed and extended at a winning edge: a factor of 3 either side of
+# the best rate of the earlier 3-point grids (2026-12-01), where every best rate sat at an edge. An
+# optimizer without its own entry takes its family's: "microadam" for every microadam:... variant,
+# "adam" for every Adam-family baseline.
 GRIDS = {
-    "gpt": {"microadam": [2e-3, 5e-3, 1e-2], "adam": [1e-3, 3e-3, 6e-3]},
-    "digits": {"microadam": [3e-3, 1e-2, 3e-2], "adam": [1e-3, 3e-3, 1e-2]},
+    "gpt": {"microadam": around(2e-3), "microadam:alpha=0.5": around(5e-3), "adam": around(1e-3)},
+    "digits": {"microadam": around(3e-3), "microadam:alpha=0.5": around(3e-3), "adam": around(1e-3)},
 }
-MIN_GRID_STEPS = 60
 
 
-# ---- optimizers: benchmarks/optimizers.py ----------------------------------------------------------
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for g in opt.param_groups:
-        if isinstance(g["lr"], torch.Tensor):  # torchao keeps lr as a tensor and wants it updated in place
-            g["lr"].fill_(lr)
-        else:
-            g["lr"] = lr
-
-
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    # train.py's schedule: linear warm-up, then cosine decay to 0 at the last step
-    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+def start_grid(task: str, name: str) -> list[float]:
+    grids = GRIDS[task]
+    return grids.get(name) or grids["microadam" if name.startswith("microadam") else "adam"]
 
 
 @dataclass
@@ -124,22 +122,6 @@ class GPTTask:
             state_bytes(opt),
             sum(p.numel() for p in model.parameters()),
         )
-
-    def seconds_per_step(self, name: str, lr: float, probe: int = 15, timed: int = 4) -> float:
-        """Wall seconds per training step, from the last ``timed`` of ``probe`` steps (after
-        MicroAdam's window of 10 has filled and torchao has compiled its step)."""
-        a = self.args
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(n_layer=a.layers, n_embd=a.width, n_head=a.heads, block_size=a.context))
-        opt = make(name, model.parameters(), lr)
-        for step in range(probe):
-            if step == probe - timed:
-                start = time.perf_counter()
-            x, y = get_batch(self.train, a.batch_size, a.context, torch.Generator().manual_seed(step))
-            opt.zero_grad(set_to_none=True)
-            model(x, y).backward()
-            opt.step()
-        return (time.perf_counter() - start) / timed
 
 
 # ---- task B: an MLP on the digits images -----------------------------------------------------------
@@ -207,68 +189,52 @@ def _score(run: Run) -> float:
     return run.final if math.isfinite(run.final) else math.inf  # a diverged run never wins
 
 
-def sweep(task, name: str, grid: list[float], seeds: list[int], full: int, grid_len: int) -> dict:
-    """Tune the learning rate on seeds[0] (runs of grid_len), then every seed at the best rate
-    (runs of full; the tuning run is reused when it has the full length)."""
-    tried = {}
-    for lr in grid:
-        tried[lr] = task.run(name, lr, seeds[0], grid_len)
+def sweep(task, name: str, grid: list[float], seeds: list[int], length: int, max_extend: int) -> dict:
+    """Tune the learning rate on seeds[0] (the grid extended at a winning edge), then every other seed
+    at the best rate; every run has the full length."""
+
+    def tune(lr: float) -> Run:
+        r = task.run(name, lr, seeds[0], length)
         print(
-            f"  [{task.key}] {name:>18} grid lr {lr:g} seed {seeds[0]} ({grid_len} {task.unit}): "
-            f"{tried[lr].final:.4f} in {tried[lr].seconds:.1f} s",
+            f"  [{task.key}] {name:>19} grid lr {lr:.3g} seed {seeds[0]}: {r.final:.4f} in {r.seconds:.1f} s",
             flush=True,
         )
-    best = min(grid, key=lambda lr: _score(tried[lr]))
-    runs = [tried[best]] if grid_len == full else []
-    for seed in seeds[len(runs) :]:
-        r = task.run(name, best, seed, full)
+        return r
+
+    tried, best = extend_grid(tune, grid, _score, max_extend)
+    runs = [tried[best]]
+    for seed in seeds[1:]:
+        r = task.run(name, best, seed, length)
         runs.append(r)
         print(
-            f"  [{task.key}] {name:>18} lr {best:g} seed {seed} ({full} {task.unit}): {r.final:.4f}"
+            f"  [{task.key}] {name:>19} lr {best:.3g} seed {seed}: {r.final:.4f}"
             + (f", accuracy {r.accuracy:.4f}" if math.isfinite(r.accuracy) else "")
             + f" in {r.seconds:.1f} s",
             flush=True,
         )
-    return dict(name=name, lr=best, grid={lr: tried[lr].final for lr in grid}, grid_len=grid_len, runs=runs)
+    return dict(
+        name=name,
+        lr=best,
+        grid={lr: tried[lr].final for lr in sorted(tried)},
+        start=list(grid),
+        inside=inside(tried, best),
+        runs=runs,
+    )
 
 
-def run_task(
-    task, names: list[str], seeds: list[int], full: int, grid_len: dict, quick: bool, failed: dict
-) -> list[dict]:
+def run_task(task, args, failed: dict) -> list[dict]:
     out = []
-    for name in names:
-        grid = GRIDS[task.key]["microadam" if name.startswith("microadam") else "adam"]
-        if quick:
+    length = args.steps if task.key == "gpt" else args.epochs
+    for name in args.optimizers:
+        grid = args.grids[task.key].get(name) or start_grid(task.key, name)
+        if args.quick:
             grid = [grid[len(grid) // 2]]  # CI-sized: the middle rate only
         try:
-            out.append(sweep(task, name, grid, seeds, full, grid_len.get(name, full)))
+            out.append(sweep(task, name, grid, args.seeds, length, args.max_extend))
         except Exception as e:  # an optimizer that cannot be built or stepped here: noted, not fatal
             failed[f"{name} ({task.key})"] = f"{type(e).__name__}: {e}"
             print(f"  [{task.key}] {name}: not run: {type(e).__name__}: {e}", flush=True)
     return out
-
-
-def plan_grid_steps(
-    task: GPTTask, names: list[str], seeds: list[int], steps: int, budget_s: float, failed: dict
-) -> tuple[int, dict, float]:
-    """GPT grid-search length that keeps the whole run near the budget; seconds per step measured."""
-    per_step = {}
-    for name in names:
-        lr = GRIDS["gpt"]["microadam" if name.startswith("microadam") else "adam"][1]
-        try:
-            per_step[name] = task.seconds_per_step(name, lr)
-            print(f"  probe {name:>18}: {per_step[name]:.3f} s per GPT step", flush=True)
-        except Exception as e:
-            failed[f"{name} (gpt)"] = f"{type(e).__name__}: {e}"
-            print(f"  probe {name}: not run: {type(e).__name__}: {e}", flush=True)
-    total = sum(per_step.values())
-    n_grid = max(len(g) for g in GRIDS["gpt"].values())
-    finals = total * steps * len(seeds)
-    if finals + total * steps * (n_grid - 1) <= budget_s:  # full-length grid, seed-0 run reused
-        return steps, per_step, finals + total * steps * (n_grid - 1)
-    fit = (budget_s - finals) / (total * n_grid) if total else steps
-    grid_steps = min(steps, max(MIN_GRID_STEPS, int(fit) // 10 * 10))
-    return grid_steps, per_step, finals + total * grid_steps * n_grid
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -304,8 +270,9 @@ def table(task, results: list[dict]) -> list[str]:
     for res in results:
         s = sums[res["name"]]
         ratio = f"{s['mean'] / base:.4f}" if base else "-"
+        edge = "" if res["inside"] else " (edge)"
         row = (
-            f"| {res['name']} | {res['lr']:g} | {s['mean']:.4f} ± {_num(s['std'])} "
+            f"| {res['name']} | {res['lr']:.3g}{edge} | {s['mean']:.4f} ± {_num(s['std'])} "
             f"({s['lo']:.4f}-{s['hi']:.4f}) | {ratio} |"
         )
         row += f" {s['acc']:.4f} ± {_num(s['acc_std'])} |" if digits else ""
@@ -315,22 +282,25 @@ def table(task, results: list[dict]) -> list[str]:
         "",
         f"Learning-rate grid ({task.metric} of the tuning run, seed {tuned_on}):",
         "",
-        f"| optimizer | tuning run length | {task.metric} per lr |",
-        "|---|---|---|",
+        f"| optimizer | starting grid | {task.metric} per lr (every tried rate, full length) | best rate |",
+        "|---|---|---|---|",
     ]
     edge = []
     for res in results:
         cells = ", ".join(
-            f"{lr:g}: {v:.4f}" + (" (chosen)" if lr == res["lr"] else "") for lr, v in res["grid"].items()
+            f"{lr:.3g}: {v:.4f}" + (" **(chosen)**" if lr == res["lr"] else "") for lr, v in res["grid"].items()
         )
-        lines.append(f"| {res['name']} | {res['grid_len']} {task.unit} | {cells} |")
-        if len(res["grid"]) > 1 and res["lr"] in (min(res["grid"]), max(res["grid"])):
+        start = ", ".join(f"{lr:.3g}" for lr in res["start"])
+        where = "inside" if res["inside"] else "**edge**"
+        where = where if len(res["grid"]) > 1 else "not tuned (one rate)"
+        lines.append(f"| {res['name']} | {start} | {cells} | {where} |")
+        if not res["inside"]:
             edge.append(res["name"])
     if edge:  # the grid may not bracket the best rate: a caveat for every comparison above
         lines += [
             "",
-            f"The chosen rate is at the edge of its grid for: {', '.join(edge)}; a rate outside the grid "
-            "might do better, so these comparisons hold for the grids given only.",
+            f"The chosen rate is still at the edge of its extended grid for: {', '.join(edge)}; a rate "
+            "further out might do better, so these comparisons hold for the grids given only.",
         ]
     return lines
 
@@ -388,7 +358,7 @@ def plot(results: list[dict], path: Path, title: str, xlabel: str, ylabel: str, 
         n = min(map(len, curves))
         mean = smooth([statistics.fmean(c[i] for c in curves) for i in range(n)], k)
         xs = range(1, n + 1)
-        ax.plot(xs, mean, label=f"{res['name']} (lr {res['lr']:g})")
+        ax.plot(xs, mean, label=f"{res['name']} (lr {res['lr']:.3g})")
         if len(curves) > 1:
             lo = smooth([min(c[i] for c in curves) for i in range(n)], k)
             hi = smooth([max(c[i] for c in curves) for i in range(n)], k)
@@ -427,7 +397,7 @@ def write(out: Path, args, gpt: list[dict], digits: list[dict], failed: dict, in
             " One thread (--threads 1): on this shared 2-core machine two OpenMP threads wait on each other "
             "whenever another process holds a core, which made steps several times slower in trial runs."
         )
-    n_gpt = sum(len(r["grid"]) + len(r["runs"]) - (r["grid_len"] == args.steps) for r in gpt)
+    n_gpt = sum(len(r["grid"]) + len(r["runs"]) - 1 for r in gpt)
     n_dig = sum(len(r["grid"]) + len(r["runs"]) - 1 for r in digits)
     lines = [
         "# Convergence: MicroAdam against AdamW and 8-/4-bit AdamW",
@@ -435,9 +405,14 @@ def write(out: Path, args, gpt: list[dict], digits: list[dict], failed: dict, in
         machine,
         "",
         f"Run {'(--quick) ' if args.quick else ''}took {info['minutes']:.1f} minutes: {n_gpt} GPT runs and "
-        f"{n_dig} digits runs; seeds {seeds} at the chosen learning rate, tuned on seed {args.seeds[0]}. "
+        f"{n_dig} digits runs; seeds {seeds} at the chosen learning rate, tuned on seed {args.seeds[0]}: a "
+        "starting grid of factors of 3, extended by a factor of 3 at whichever edge wins until the best rate is "
+        f"strictly inside (at most {args.max_extend} extensions), every tuning run at the full length. "
+        f"Command: `python benchmarks/bench_convergence.py {' '.join(sys.argv[1:])}`. "
         "Weight decay 0 for every optimizer; MicroAdam at its defaults (window 10, density 0.01, block 4096, "
-        "quantization buckets 2048). `adamw` is torch.optim.AdamW(foreach=True); the fused AdamW is the same "
+        "quantization buckets 2048, alpha 0) except where its name sets an option "
+        "(`microadam:alpha=0.5`: the authors' densification, same state memory). "
+        "`adamw` is torch.optim.AdamW(foreach=True); the fused AdamW is the same "
         "algorithm (numerically the same up to rounding), so it is not run separately. State bytes/param: "
         "exact bytes of the optimizer state after training (MicroAdam: `state_bytes()`; torchao: the inner "
         "tensors of its quantized state; a storage shared between parameters counted once) divided by the "
@@ -455,18 +430,6 @@ def write(out: Path, args, gpt: list[dict], digits: list[dict], failed: dict, in
         "of the validation split (generator seeded 1234), as in microadam_dist.train.",
         "",
     ]
-    if info["grid_steps"] != a.steps:
-        why = (
-            f"to keep the run near {a.budget_minutes:g} minutes (measured seconds per step: "
-            f"{', '.join(f'{n} {t:.3f}' for n, t in info['per_step'].items())})"
-            if info["per_step"]
-            else "as asked (--grid-steps)"
-        )
-        lines += [
-            f"**Grid search shortened** {why}: the learning-rate tuning runs had {info['grid_steps']} steps "
-            f"(schedule compressed to that length); the runs at the chosen rate have the full {a.steps} steps.",
-            "",
-        ]
     lines += table(GPTTask, gpt) + [""]
     lines += [
         "## B. MLP on scikit-learn's digits",
@@ -487,8 +450,8 @@ def write(out: Path, args, gpt: list[dict], digits: list[dict], failed: dict, in
         goal_check(gpt),
         "",
         f"These are small models, short runs and {len(args.seeds)} seed(s) on one machine; the learning rates "
-        f"come from a {max((len(r['grid']) for r in gpt + digits), default=0)}-point grid, so differences "
-        "of the order of the seed standard deviation are not meaningful.",
+        "are tuned on one seed over a grid with steps of a factor of 3, so differences of the order of the seed "
+        "standard deviation are not meaningful.",
         "",
         "Plots: convergence_gpt.png (training loss, trailing mean over 10 steps, mean over seeds, band = "
         "min-max over seeds) and convergence_digits.png (test loss per epoch, same idea).",
@@ -505,6 +468,21 @@ def write(out: Path, args, gpt: list[dict], digits: list[dict], failed: dict, in
     )
     plot(digits, out / "convergence_digits.png", "Digits MLP: test loss at the chosen lr", "epoch", "test loss", 1)
     print(f"wrote {out / 'convergence.md'}, convergence_gpt.png and convergence_digits.png", flush=True)
+
+
+def _rates(v: list[float]) -> str:
+    return ",".join(f"{lr:.3g}" for lr in v)
+
+
+def parse_grid(text: str) -> tuple[str, list[float]]:
+    name, _, rates = text.rpartition("=")  # the name itself may hold '=': microadam:alpha=0.5=1e-3,3e-3
+    try:
+        grid = sorted(float(r) for r in rates.split(","))
+    except ValueError:
+        grid = []
+    if not name or not grid or min(grid) <= 0:
+        raise SystemExit(f"grid {text!r}: write NAME=LR,LR,... with positive rates, e.g. microadam=1e-3,3e-3,1e-2")
+    return name, grid
 
 
 def main(argv=None):
@@ -524,20 +502,16 @@ def main(argv=None):
         default=OPTIMIZERS,
         help="names from benchmarks/optimizers.py; microadam:density=0.02,window_size=5 for a variant",
     )
-    ap.add_argument(
-        "--gpt-microadam-lrs",
-        type=float,
-        nargs="+",
-        default=None,
-        help=f"the GPT grid for MicroAdam (default {GRIDS['gpt']['microadam']})",
-    )
-    ap.add_argument(
-        "--budget-minutes",
-        type=float,
-        default=25.0,
-        help="aim for the whole run; only the GPT grid-search runs are shortened (0: no limit)",
-    )
-    ap.add_argument("--grid-steps", type=int, default=None, help="GPT tuning-run length (skips the estimate)")
+    for task in GRIDS:
+        ap.add_argument(
+            f"--{task}-grid",
+            action="append",
+            default=[],
+            metavar="NAME=LR,LR,...",
+            help=f"starting {task} grid for one optimizer (repeatable); NAME may be a family, 'microadam' or "
+            f"'adam' (default {', '.join(f'{k}={_rates(v)}' for k, v in GRIDS[task].items())})",
+        )
+    ap.add_argument("--max-extend", type=int, default=3, help="grid extensions per optimizer and task")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is steadier on a busy machine)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--width", type=int, default=128)
@@ -546,8 +520,9 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=20)
     args = ap.parse_args(argv)
-    if args.gpt_microadam_lrs:
-        GRIDS["gpt"]["microadam"] = args.gpt_microadam_lrs
+    args.grids = {task: dict(parse_grid(g) for g in getattr(args, f"{task}_grid")) for task in GRIDS}
+    for task, grids in args.grids.items():  # a family's grid applies to every member without its own
+        GRIDS[task].update({k: v for k, v in grids.items() if k in ("microadam", "adam")})
     args.steps = args.steps or (40 if args.quick else 300)
     args.epochs = args.epochs or (5 if args.quick else 40)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -557,36 +532,14 @@ def main(argv=None):
     failed: dict[str, str] = {}
 
     print(f"digits: {args.epochs} epochs, seeds {args.seeds}", flush=True)
-    digits = run_task(DigitsTask(args), args.optimizers, args.seeds, args.epochs, {}, args.quick, failed)
-
-    gpt_task = GPTTask(args)
-    names = list(args.optimizers)
-    grid_steps, per_step = args.steps, {}
-    if args.grid_steps:
-        grid_steps = min(args.grid_steps, args.steps)
-    elif not args.quick and args.budget_minutes > 0:
-        left = args.budget_minutes * 60 - (time.perf_counter() - start)
-        print(f"gpt: measuring step times ({left / 60:.1f} minutes of the budget left)", flush=True)
-        grid_steps, per_step, estimate = plan_grid_steps(gpt_task, names, args.seeds, args.steps, left, failed)
-        names = [n for n in names if n in per_step]
-        print(
-            f"gpt: grid-search runs of {grid_steps} steps; estimated {estimate / 60:.1f} minutes for the GPT"
-            + (
-                " (over the budget even so: the runs at the chosen rate keep their full length)"
-                if estimate > left
-                else ""
-            ),
-            flush=True,
-        )
+    digits = run_task(DigitsTask(args), args, failed)
     print(f"gpt: {args.steps} steps, seeds {args.seeds}", flush=True)
-    gpt = run_task(gpt_task, names, args.seeds, args.steps, {n: grid_steps for n in names}, args.quick, failed)
+    gpt = run_task(GPTTask(args), args, failed)
 
     info = dict(
         load0=load0,
         load1=os.getloadavg()[0],
         minutes=(time.perf_counter() - start) / 60,
-        grid_steps=grid_steps,
-        per_step=per_step,
     )
     write(out, args, gpt, digits, failed, info)
     print(f"total {info['minutes']:.1f} minutes", flush=True)

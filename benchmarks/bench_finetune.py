@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 from optimizers import make, state_bytes
+from tuning import extend_grid, inside, lr_factor, set_lr
 
 from microadam_dist.data import get_batch, split_corpus
 from microadam_dist.models import GPT, GPTConfig
@@ -69,18 +70,6 @@ LABELS = {
 # starting grids (factors of 3), extended at a winning edge; MicroAdam's best rates in the 40-step run were
 # 3e-3 (its grid started at 1e-4 then)
 GRIDS = {"microadam": [3e-4, 1e-3, 3e-3], "adam": [3e-4, 1e-3, 3e-3]}
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for g in opt.param_groups:
-        if isinstance(g["lr"], torch.Tensor):  # torchao keeps lr as a tensor, updated in place
-            g["lr"].fill_(lr)
-        else:
-            g["lr"] = lr
-
-
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 def finetune_corpus() -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,22 +184,14 @@ class Bench:
             grid = grid[1:2]
         if fixed_lr is not None:  # not tuned: the rate chosen for its base optimizer
             grid = [fixed_lr]
-        tried = {lr: self.run(name, lr, 0) for lr in grid}
-        for _ in range(self.a.max_extend):
-            best = min(tried, key=lambda lr: tried[lr]["final"])
-            if len(tried) == 1 or min(tried) < best < max(tried):
-                break
-            new = best / 3 if best == min(tried) else best * 3
-            tried[new] = self.run(name, new, 0)
-        best = min(tried, key=lambda lr: tried[lr]["final"])
+        tried, best = extend_grid(lambda lr: self.run(name, lr, 0), grid, lambda r: r["final"], self.a.max_extend)
         runs = [tried[best]] + [self.run(name, best, s) for s in range(1, self.a.seeds)]
-        inside = len(tried) == 1 or min(tried) < best < max(tried)
         return dict(
             name=name,
             lr=best,
             grid={lr: tried[lr]["final"] for lr in sorted(tried)},
             runs=runs,
-            inside=inside,
+            inside=inside(tried, best),
             tuned=fixed_lr is None,
         )
 

@@ -1,10 +1,11 @@
 """Every benchmark, one after the other, each in its own process; results in benchmarks/results/.
 
-    python benchmarks/run_all.py            # the full set, ~70 minutes on 2 cores (make bench)
+    python benchmarks/run_all.py            # the full set, ~100 minutes on 2 cores (make bench)
     python benchmarks/run_all.py --quick    # CI-sized versions, results to a temporary folder
 
 Full: memory, speed and per-rank scaling against the baselines (bench_baselines.py), convergence
-on two tasks with tuned learning rates and 3 seeds (bench_convergence.py) and MicroAdam's window /
+on two tasks with tuned learning rates and 3 seeds (bench_convergence.py, MicroAdam with and
+without its alpha=0.5 densification) and MicroAdam's window /
 density variants on the same tasks (one seed, results/microadam_variants/), fine-tuning a
 pretrained GPT (bench_finetune.py, results/finetune.md), the transient memory
 of a step (step_memory.py), the Triton path's memory traffic model (traffic_model.py), checkpoint
@@ -39,8 +40,9 @@ def main(argv=None):
     out = Path(tempfile.mkdtemp(prefix="microadam_bench_")) if args.quick else HERE / "results"
     runs = [
         ["bench_baselines.py", "--out", str(out)] + (["--quick", "--repeats", "2"] if args.quick else []),
-        ["bench_convergence.py", "--out", str(out)] + (["--quick"] if args.quick else []),
-        # MicroAdam's window and density against AdamW on the same tasks (one seed)
+        ["bench_convergence.py", "--out", str(out), "--threads", "1"] + (["--quick"] if args.quick else []),
+        # MicroAdam's window and density against AdamW on the same tasks (one seed; every variant starts
+        # from MicroAdam's grid, extended at a winning edge like the rest)
         [
             "bench_convergence.py",
             "--out",
@@ -49,12 +51,6 @@ def main(argv=None):
             "0",
             "--threads",
             "1",
-            "--budget-minutes",
-            "0",
-            "--gpt-microadam-lrs",
-            "1e-3",
-            "2e-3",
-            "5e-3",
             "--optimizers",
             "adamw",
             *VARIANTS,

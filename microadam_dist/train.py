@@ -354,7 +354,7 @@ def parse_args(argv=None):
         "--lr-microadam",
         type=float,
         default=2e-3,
-        help="tuned on a 3-point grid for this model: benchmarks/results/convergence.md",
+        help="tuned for this model on a grid extended until it brackets the best: benchmarks/results/convergence.md",
     )
     ap.add_argument("--lr-adamw", type=float, default=1e-3, help="tuned likewise")
     ap.add_argument("--weight-decay", type=float, default=0.0)
