@@ -27,6 +27,8 @@ bit shifts.
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -111,6 +113,104 @@ def _restore(dst_ptr, src_ptr, count, TILE: tl.constexpr):
     for t in range(0, count, TILE):
         at = t + tl.arange(0, TILE)
         tl.store(dst_ptr + at, tl.load(src_ptr + at, mask=at < count), mask=at < count)
+
+
+# One launch serves every rectangle of a step (of any parameters) that compiles the same: a table
+# holds one int64 row per rectangle and a second array the rectangle of each program. A row is the
+# rectangle's RECT_FIELDS, then ADDRESSES tensor addresses (the kernel's own order), then, for the
+# update, STEP_FIELDS (the floats as fp32 bits).
+RECT_FIELDS = (
+    "n",
+    "k",
+    "num_cols",
+    "buckets",
+    "ef_bytes",
+    "elem_off",
+    "elem_row",
+    "k_off",
+    "k_row",
+    "ef_off",
+    "ef_row",
+    "q_off",
+    "q_row",
+    "first_program",
+)
+ADDRESSES = 12
+STEP_FIELDS = ("filled", "slot", "slot_stride", "lr", "c1", "c2", "eps", "decay")
+# the addresses an ALIGNED launch hints as 16-byte aligned: gradient, codes and undo codes; parameter
+COMPRESS_HINTED, UPDATE_HINTED = (0, 1, 6), (0,)
+ADDRESS_AT = tl.constexpr(len(RECT_FIELDS))
+STEP_AT = tl.constexpr(len(RECT_FIELDS) + ADDRESSES)
+ROW = tl.constexpr(len(RECT_FIELDS) + ADDRESSES + len(STEP_FIELDS))
+
+
+@triton.jit
+def _block_of(table_ptr, rect_of_ptr, ALIGNED: tl.constexpr):
+    """This program's block: its rectangle's table row, the block's length n, k, buckets and code
+    bytes, and its first element, window entry, code byte and bucket (RECT_FIELDS order).
+    ALIGNED: every rectangle of the launch has 16-divisible element and code-byte offsets."""
+    pid = tl.program_id(0)
+    t = table_ptr + tl.load(rect_of_ptr + pid).to(tl.int64) * ROW
+    n = tl.load(t).to(tl.int32)
+    k = tl.load(t + 1).to(tl.int32)
+    num_cols = tl.load(t + 2).to(tl.int32)
+    buckets = tl.load(t + 3).to(tl.int32)
+    ef_bytes = tl.load(t + 4).to(tl.int32)
+    b = pid - tl.load(t + 13).to(tl.int32)  # 32-bit division: no 64-bit division routine
+    row = (b // num_cols).to(tl.int64)
+    col = (b % num_cols).to(tl.int64)
+    e0 = tl.load(t + 5) + row * tl.load(t + 6) + col * n
+    k0 = tl.load(t + 7) + row * tl.load(t + 8) + col * k
+    c0 = tl.load(t + 9) + row * tl.load(t + 10) + col * ef_bytes
+    q0 = tl.load(t + 11) + row * tl.load(t + 12) + col * buckets
+    if ALIGNED:  # what Triton's JIT infers from 16-divisible arguments: masks and vector loads
+        n = tl.multiple_of(n, 16)
+        ef_bytes = tl.multiple_of(ef_bytes, 16)
+        e0 = tl.multiple_of(e0, 16)
+        c0 = tl.multiple_of(c0, 16)
+    return t, n, k, buckets, ef_bytes, e0, k0, c0, q0
+
+
+@triton.jit
+def _address(t, i, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """The i-th tensor address of table row t as a pointer to dtype (ALIGNED: 16-byte aligned)."""
+    ptr = tl.load(t + ADDRESS_AT + i).to(tl.pointer_type(dtype))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _f32_field(t, i):
+    return tl.load(t + i).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _compress_addresses(t, GRAD_BF16: tl.constexpr, ALIGNED: tl.constexpr):
+    """gradient, codes, statistics, ring-slot indices and values, non-finite flag."""
+    if GRAD_BF16:
+        grad_ptr = _address(t, 0, tl.int16, ALIGNED)
+    else:
+        grad_ptr = _address(t, 0, tl.float32, ALIGNED)
+    return (
+        grad_ptr,
+        _address(t, 1, tl.uint8, ALIGNED),
+        _address(t, 2, tl.float32, False),
+        _address(t, 3, tl.int16, False),
+        _address(t, 4, tl.int16, False),
+        _address(t, 5, tl.int32, False),
+    )
+
+
+@triton.jit
+def _undo_addresses(t, first, ALIGNED: tl.constexpr):
+    """The undo record's codes, statistics, ring-slot indices and values, from address ``first``."""
+    return (
+        _address(t, first, tl.uint8, ALIGNED),
+        _address(t, first + 1, tl.float32, False),
+        _address(t, first + 2, tl.int16, False),
+        _address(t, first + 3, tl.int16, False),
+    )
 
 
 @triton.jit
@@ -207,29 +307,8 @@ def _select_candidates(
 
 @triton.jit
 def _compress(
-    grad_ptr,
-    codes_ptr,
-    stats_ptr,
-    idx_ptr,
-    val_ptr,
-    flag_ptr,
-    undo_codes_ptr,
-    undo_stats_ptr,
-    undo_idx_ptr,
-    undo_val_ptr,
-    n,
-    k,
-    num_cols,
-    buckets,
-    ef_bytes,
-    elem_off,
-    elem_row,
-    k_off,
-    k_row,
-    ef_off,
-    ef_row,
-    q_off,
-    q_row,
+    table_ptr,
+    rect_of_ptr,
     NB: tl.constexpr,
     BS: tl.constexpr,
     QB: tl.constexpr,
@@ -238,18 +317,15 @@ def _compress(
     G: tl.constexpr,
     CAND: tl.constexpr,
     KP: tl.constexpr,
+    ALIGNED: tl.constexpr,
     RADIX_FALLBACK: tl.constexpr = True,
 ):
     """The block as [NB, BS]: row r holds bucket r (element r * QB + j for j < QB), so every
     per-bucket quantity is a scalar of its row (one load, one division per bucket) and a row-major
     scan is a scan in element order. QB is even (pairs of 4-bit codes never straddle a bucket)."""
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // num_cols
-    col = pid % num_cols
-    e0 = elem_off + row * elem_row + col * n
-    k0 = k_off + row * k_row + col * k
-    c0 = ef_off + row * ef_row + col * ef_bytes
-    q0 = q_off + row * q_row + col * buckets
+    t, n, k, buckets, ef_bytes, e0, k0, c0, q0 = _block_of(table_ptr, rect_of_ptr, ALIGNED)
+    grad_ptr, codes_ptr, stats_ptr, idx_ptr, val_ptr, flag_ptr = _compress_addresses(t, GRAD_BF16, ALIGNED)
+    undo_codes_ptr, undo_stats_ptr, undo_idx_ptr, undo_val_ptr = _undo_addresses(t, 6, ALIGNED)
     rb = tl.arange(0, NB)
     jb = tl.arange(0, BS)
     offs = rb[:, None] * QB + jb[None, :]
@@ -329,44 +405,21 @@ def _compress(
 
 @triton.jit
 def _compress_odd_buckets(
-    grad_ptr,
-    codes_ptr,
-    stats_ptr,
-    idx_ptr,
-    val_ptr,
-    flag_ptr,
-    undo_codes_ptr,
-    undo_stats_ptr,
-    undo_idx_ptr,
-    undo_val_ptr,
-    n,
-    k,
-    num_cols,
-    buckets,
-    ef_bytes,
-    bucket_size,
-    elem_off,
-    elem_row,
-    k_off,
-    k_row,
-    ef_off,
-    ef_row,
-    q_off,
-    q_row,
+    table_ptr,
+    rect_of_ptr,
     BLOCK: tl.constexpr,
     HALF: tl.constexpr,
+    QB: tl.constexpr,
     GRAD_BF16: tl.constexpr,
     KP: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """``_compress`` for an odd bucket size (4-bit code pairs straddle buckets): the block as
     one row, per-element bucket statistics and a runtime loop over the buckets."""
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // num_cols
-    col = pid % num_cols
-    e0 = elem_off + row * elem_row + col * n
-    k0 = k_off + row * k_row + col * k
-    c0 = ef_off + row * ef_row + col * ef_bytes
-    q0 = q_off + row * q_row + col * buckets
+    t, n, k, buckets, ef_bytes, e0, k0, c0, q0 = _block_of(table_ptr, rect_of_ptr, ALIGNED)
+    grad_ptr, codes_ptr, stats_ptr, idx_ptr, val_ptr, flag_ptr = _compress_addresses(t, GRAD_BF16, ALIGNED)
+    undo_codes_ptr, undo_stats_ptr, undo_idx_ptr, undo_val_ptr = _undo_addresses(t, 6, ALIGNED)
+    bucket_size = QB
     offs = tl.arange(0, BLOCK)
     inside = offs < n
 
@@ -456,110 +509,52 @@ def _max_key_count(k1, c1, k2, c2):
 
 @triton.jit
 def _update(
-    param_ptr,
-    idx_ptr,
-    val_ptr,
-    w1_ptr,
-    w2_ptr,
-    flag_ptr,
-    codes_ptr,
-    stats_ptr,
-    undo_codes_ptr,
-    undo_stats_ptr,
-    undo_idx_ptr,
-    undo_val_ptr,
-    n,
-    k,
-    num_cols,
-    filled,
-    slot,
-    slot_stride,
-    buckets,
-    ef_bytes,
-    elem_off,
-    elem_row,
-    k_off,
-    k_row,
-    ef_off,
-    ef_row,
-    q_off,
-    q_row,
-    lr,
-    c1,
-    c2,
-    eps,
-    decay,
+    table_ptr,
+    rect_of_ptr,
     ENTRIES: tl.constexpr,
     PARAM_BF16: tl.constexpr,
     DECAY: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
     RESTORE: tl.constexpr = True,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // num_cols
-    col = pid % num_cols
-    e0 = elem_off + row * elem_row + col * n
-    k0 = k_off + row * k_row + col * k
+    t, n, k, buckets, ef_bytes, e0, k0, c0, q0 = _block_of(table_ptr, rect_of_ptr, ALIGNED)
     skipped = 0
     if RESTORE:  # RESTORE=False: kernel_cost.py's fast path (the restore branch left out)
-        skipped = tl.load(flag_ptr)
+        skipped = tl.load(_address(t, 5, tl.int32, False))
     if skipped != 0:
         # the step is skipped (a non-finite gradient somewhere in the parameter, on some rank):
         # put back what _compress overwrote; the parameter is not written
-        c0 = ef_off + row * ef_row + col * ef_bytes
-        q0 = q_off + row * q_row + col * buckets
-        _restore(idx_ptr + slot * slot_stride + k0, undo_idx_ptr + k0, k, 256)
-        _restore(val_ptr + slot * slot_stride + k0, undo_val_ptr + k0, k, 256)
+        codes_ptr = _address(t, 6, tl.uint8, False)
+        stats_ptr = _address(t, 7, tl.float32, False)
+        undo_codes_ptr, undo_stats_ptr, undo_idx_ptr, undo_val_ptr = _undo_addresses(t, 8, False)
+        slot_at = tl.load(t + STEP_AT + 1) * tl.load(t + STEP_AT + 2) + k0  # slot * slot stride
+        _restore(_address(t, 1, tl.int16, False) + slot_at, undo_idx_ptr + k0, k, 256)
+        _restore(_address(t, 2, tl.int16, False) + slot_at, undo_val_ptr + k0, k, 256)
         _restore(codes_ptr + c0, undo_codes_ptr + c0, ef_bytes, 256)
         _restore(stats_ptr + 2 * q0, undo_stats_ptr + 2 * q0, 2 * buckets, 256)
     else:
-        _apply_update(
-            param_ptr,
-            idx_ptr,
-            val_ptr,
-            w1_ptr,
-            w2_ptr,
-            n,
-            k,
-            filled,
-            slot_stride,
-            e0,
-            k0,
-            lr,
-            c1,
-            c2,
-            eps,
-            decay,
-            ENTRIES,
-            PARAM_BF16,
-            DECAY,
-            BLOCK,
-        )
+        _apply_update(t, n, k, e0, k0, ENTRIES, PARAM_BF16, DECAY, BLOCK, ALIGNED)
 
 
 @triton.jit
 def _apply_update(
-    param_ptr,
-    idx_ptr,
-    val_ptr,
-    w1_ptr,
-    w2_ptr,
+    t,
     n,
     k,
-    filled,
-    slot_stride,
     e0,
     k0,
-    lr,
-    c1,
-    c2,
-    eps,
-    decay,
     ENTRIES: tl.constexpr,
     PARAM_BF16: tl.constexpr,
     DECAY: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
+    """The update of one block; its addresses and scalars are read from table row t where they are
+    needed, so that they do not hold registers across the sort (a launch argument would not)."""
+    idx_ptr = _address(t, 1, tl.int16, False)
+    filled = tl.load(t + STEP_AT).to(tl.int32)
+    slot_stride = tl.load(t + STEP_AT + 2)
     total = filled * k
     ent = tl.arange(0, ENTRIES)
     valid = ent < total
@@ -570,14 +565,21 @@ def _apply_update(
     sidx = key // ENTRIES
     ok = sidx < 32768
     where = (e // k) * slot_stride + k0 + e % k
-    v = _bf16_bits_to_f32(tl.load(val_ptr + where, mask=ok, other=0))
-    w1 = tl.load(w1_ptr + e // k, mask=ok, other=0.0)
-    w2 = tl.load(w2_ptr + e // k, mask=ok, other=0.0)
+    v = _bf16_bits_to_f32(tl.load(_address(t, 2, tl.int16, False) + where, mask=ok, other=0))
+    w1 = tl.load(_address(t, 3, tl.float32, False) + e // k, mask=ok, other=0.0)
+    w2 = tl.load(_address(t, 4, tl.float32, False) + e // k, mask=ok, other=0.0)
     # M and S of each index, complete at the first of its entries (a suffix scan within equal keys)
     _, m_sum, s_sum = tl.associative_scan((sidx, v * w1, v * v * w2), 0, _min_key_sum, reverse=True)
     _, seen = tl.associative_scan((sidx, tl.full([ENTRIES], 1, tl.int32)), 0, _max_key_count)
     write = ok & (seen == 1)  # one write per distinct index
-    upd = tl.div_rn(m_sum * c1, tl.sqrt_rn(s_sum * c2) + eps)
+    c1 = _f32_field(t, STEP_AT + 4)
+    c2 = _f32_field(t, STEP_AT + 5)
+    upd = tl.div_rn(m_sum * c1, tl.sqrt_rn(s_sum * c2) + _f32_field(t, STEP_AT + 6))
+    lr = _f32_field(t, STEP_AT + 3)
+    if PARAM_BF16:
+        param_ptr = _address(t, 0, tl.int16, ALIGNED)
+    else:
+        param_ptr = _address(t, 0, tl.float32, ALIGNED)
     if PARAM_BF16:
         p = _bf16_bits_to_f32(tl.load(param_ptr + e0 + sidx, mask=write, other=0))
     else:
@@ -585,6 +587,7 @@ def _apply_update(
     if DECAY:
         # dense decay, rounded once together with the update: the entries' old values are read
         # above; every element is written decayed, then (after a barrier) the entries
+        decay = _f32_field(t, STEP_AT + 7)
         p = p * decay
         tl.debug_barrier()  # every warp has read its entries before any warp writes the block
         offs = tl.arange(0, BLOCK)
@@ -601,11 +604,6 @@ def _apply_update(
         tl.store(param_ptr + e0 + sidx, p - lr * upd, mask=write)
 
 
-def _as_bits(t: torch.Tensor) -> torch.Tensor:
-    """bf16 tensors travel as int16 bit patterns (the kernels convert by shifts)."""
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-
-
 def _check_buffers(t: torch.Tensor, what: str) -> None:
     if t.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"the Triton path takes fp32 or bf16 parameters and gradients, got a {t.dtype} {what}")
@@ -618,85 +616,6 @@ def _check_state(state: dict[str, torch.Tensor]) -> None:
         raise ValueError("the Triton path needs state tensors whose last dimension is contiguous")
 
 
-def _rect_offsets(rect) -> tuple[int, ...]:
-    return (
-        rect.elem_offset,
-        rect.elem_row_stride,
-        rect.k_offset,
-        rect.k_row_stride,
-        rect.ef_offset,
-        rect.ef_row_stride,
-        rect.bucket_offset,
-        rect.bucket_row_stride,
-    )
-
-
-def compress_triton_(
-    geometry: Geometry,
-    b0: int,
-    b1: int,
-    grad: torch.Tensor,
-    state: dict[str, torch.Tensor],
-    cfg: StepConfig,
-    flag: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """The first half of a step on blocks [b0, b1): the step's one read of the gradient. Writes
-    the new ring slot, codes and bucket statistics, sets ``flag`` (an int32 scalar on the device)
-    to 1 when the gradient holds a NaN or an infinity, and returns the undo record (the slot
-    entries, codes and statistics it overwrote) that ``update_triton_`` restores from when the
-    step is skipped. No host synchronization."""
-    _check_buffers(grad, "gradient")
-    _check_state(state)
-    slot = (cfg.step - 1) % cfg.window_size
-    idx_slot, val_slot = state["window_idx"][slot], state["window_val"][slot].view(torch.int16)
-    undo = {
-        "ef_codes": torch.empty_like(state["ef_codes"]),
-        "ef_stats": torch.empty_like(state["ef_stats"]),
-        "window_idx": torch.empty_like(idx_slot),
-        "window_val": torch.empty_like(val_slot),
-    }
-    buffers = (
-        _as_bits(grad),
-        state["ef_codes"],
-        state["ef_stats"],
-        idx_slot,
-        val_slot,
-        flag,
-        undo["ef_codes"],
-        undo["ef_stats"],
-        undo["window_idx"],
-        undo["window_val"],
-    )
-    qb = geometry.quant_bucket_size
-    for rect in geometry.rects(b0, b1):
-        n, k = rect.block_len, rect.k
-        _check_entries(cfg.window_size, k)
-        sizes = (n, k, rect.num_cols, rect.buckets, rect.ef_bytes)
-        common = dict(GRAD_BF16=grad.dtype == torch.bfloat16, KP=triton.next_power_of_2(k), **LAUNCH_OPTIONS)
-        if qb % 2 == 0:  # a row of [buckets, bucket size] per bucket
-            nb, bs = triton.next_power_of_2(rect.buckets), triton.next_power_of_2(min(qb, max(n, 2)))
-            groups = min(TOPK_GROUPS, nb * bs)
-            cand = min(TOPK_CANDIDATES, 1 << (2 * k).bit_length() - 1)  # a power of two <= 2k
-            _compress[(rect.num_blocks,)](
-                *buffers,
-                *sizes,
-                *_rect_offsets(rect),
-                NB=nb,
-                BS=bs,
-                QB=qb,
-                TOPK_FAST=k <= min(groups, cand),
-                G=groups,
-                CAND=cand,
-                **common,
-            )
-        else:
-            block = triton.next_power_of_2(max(n, 2))
-            _compress_odd_buckets[(rect.num_blocks,)](
-                *buffers, *sizes, qb, *_rect_offsets(rect), BLOCK=block, HALF=block // 2, **common
-            )
-    return undo
-
-
 def _check_entries(window_size: int, k: int) -> None:
     if not supports(window_size, k):
         raise ValueError(
@@ -705,65 +624,162 @@ def _check_entries(window_size: int, k: int) -> None:
         )
 
 
-def update_triton_(
-    geometry: Geometry,
-    b0: int,
-    b1: int,
-    param: torch.Tensor,
-    state: dict[str, torch.Tensor],
-    cfg: StepConfig,
-    flag: torch.Tensor,
-    undo: dict[str, torch.Tensor],
-) -> None:
-    """The second half: the sparse update from the window (then the densification when alpha is
-    set); or, when ``flag`` is set (read on the device), the state put back from ``undo`` and the
-    parameter left as it was."""
-    _check_buffers(param, "parameter")
-    win_idx, win_val = state["window_idx"], state["window_val"]
-    slot, filled, w1, w2 = window_weights(cfg, param.device)
-    c1, c2 = bias_corrections(cfg.step, cfg.beta1, cfg.beta2)
-    for rect in geometry.rects(b0, b1):
-        n, k = rect.block_len, rect.k
-        block = triton.next_power_of_2(max(n, 2))
-        entries = triton.next_power_of_2(max(filled * k, 2))
-        _update[(rect.num_blocks,)](
-            _as_bits(param),
-            win_idx,
-            win_val.view(torch.int16),
-            w1,
-            w2,
-            flag,
-            state["ef_codes"],
-            state["ef_stats"],
-            undo["ef_codes"],
-            undo["ef_stats"],
-            undo["window_idx"],
-            undo["window_val"],
-            n,
-            k,
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+class _Launches:
+    """The rectangles of one half of a step, grouped by what their kernel compiles to: one launch
+    per group, whatever the number of parameters (torch's fused optimizers take tensor lists the
+    same way). Nothing runs before ``launch``, so a refused rectangle leaves nothing half done."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.groups: dict = {}  # (kernel, constexprs, options) -> (rows, blocks per row)
+
+    def add(self, kernel, rect, addresses: list[int], hinted, constexprs: dict, step_fields=(), **options) -> None:
+        """One rectangle of ``kernel``: its tensor addresses (the kernel's order), those of them the
+        alignment hint covers (``hinted``: indices), its constexprs and per-step scalars."""
+        fields = [
+            rect.block_len,
+            rect.k,
             rect.num_cols,
-            filled,
-            slot,
-            win_idx.stride(0),
             rect.buckets,
             rect.ef_bytes,
-            *_rect_offsets(rect),
-            cfg.lr,
-            c1,
-            c2,
-            cfg.eps,
-            1.0 - cfg.lr * cfg.weight_decay,
-            ENTRIES=entries,
-            PARAM_BF16=param.dtype == torch.bfloat16,
-            DECAY=cfg.weight_decay != 0.0,
-            BLOCK=block,
-            **LAUNCH_OPTIONS,
+            rect.elem_offset,
+            rect.elem_row_stride,
+            rect.k_offset,
+            rect.k_row_stride,
+            rect.ef_offset,
+            rect.ef_row_stride,
+            rect.bucket_offset,
+            rect.bucket_row_stride,
+            0,  # first_program, set at launch
+        ]
+        # ALIGNED (vector loads) when every block's element and code-byte offsets and the hinted
+        # addresses are 16-divisible, as Triton's JIT would specialize them
+        offsets = fields[4:7] + fields[9:11] + fields[:1]
+        aligned = all(v % 16 == 0 for v in offsets) and all(addresses[i] % 16 == 0 for i in hinted)
+        row = fields + addresses + [0] * (ADDRESSES - len(addresses)) + list(step_fields)
+        key = (kernel, tuple(sorted({**constexprs, "ALIGNED": aligned}.items())), tuple(sorted(options.items())))
+        rows, blocks = self.groups.setdefault(key, ([], []))
+        rows.append(row + [0] * (ROW.value - len(row)))
+        blocks.append(rect.num_blocks)
+
+    def launch(self) -> None:
+        for (kernel, constexprs, options), (rows, blocks) in self.groups.items():
+            first = 0
+            for row, nb in zip(rows, blocks):
+                row[len(RECT_FIELDS) - 1] = first
+                first += nb
+            table = self._to_device(torch.tensor(rows, dtype=torch.int64))
+            rect_of = self._to_device(
+                torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(blocks))
+            )
+            kernel[(first,)](table, rect_of, **dict(constexprs), **dict(options), **LAUNCH_OPTIONS)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)  # no wait for the GPU
+
+
+def compress_triton_(jobs: list[tuple]) -> list[dict[str, torch.Tensor]]:
+    """The first half of a step for many block ranges at once: ``jobs`` holds ``(geometry, b0, b1,
+    grad, state, cfg, flag)`` tuples (arguments as ``microadam_blocks_triton_``, plus ``flag``, an
+    int32 scalar on the device, set to 1 when that gradient holds a NaN or an infinity). The step's
+    one read of each gradient: writes the new ring slot, codes and bucket statistics, and returns
+    per job the undo record (the slot entries, codes and statistics overwritten) that
+    ``update_triton_`` restores from when a step is skipped. A few launches in all; no host sync."""
+    undos = []
+    launches = _Launches(jobs[0][3].device if jobs else torch.device("cpu"))
+    for geometry, b0, b1, grad, state, cfg, flag in jobs:
+        _check_buffers(grad, "gradient")
+        _check_state(state)
+        slot = (cfg.step - 1) % cfg.window_size
+        idx_slot, val_slot = state["window_idx"][slot], state["window_val"][slot].view(torch.int16)
+        undo = {
+            "ef_codes": torch.empty_like(state["ef_codes"]),
+            "ef_stats": torch.empty_like(state["ef_stats"]),
+            "window_idx": torch.empty_like(idx_slot),
+            "window_val": torch.empty_like(val_slot),
+        }
+        undos.append(undo)
+        addresses = [
+            t.data_ptr()
+            for t in (
+                grad,
+                state["ef_codes"],
+                state["ef_stats"],
+                idx_slot,
+                val_slot,
+                flag,
+                undo["ef_codes"],
+                undo["ef_stats"],
+                undo["window_idx"],
+                undo["window_val"],
+            )
+        ]
+        qb, bf16 = geometry.quant_bucket_size, grad.dtype == torch.bfloat16
+        for rect in geometry.rects(b0, b1):
+            n, k = rect.block_len, rect.k
+            _check_entries(cfg.window_size, k)
+            if qb % 2 == 0:  # a row of [buckets, bucket size] per bucket
+                nb, bs = triton.next_power_of_2(rect.buckets), triton.next_power_of_2(min(qb, max(n, 2)))
+                groups = min(TOPK_GROUPS, nb * bs)
+                cand = min(TOPK_CANDIDATES, 1 << (2 * k).bit_length() - 1)  # a power of two <= 2k
+                shape = dict(NB=nb, BS=bs, QB=qb, TOPK_FAST=k <= min(groups, cand), G=groups, CAND=cand)
+                constexprs = dict(GRAD_BF16=bf16, KP=triton.next_power_of_2(k), **shape)
+                launches.add(_compress, rect, addresses, COMPRESS_HINTED, constexprs)
+            else:
+                block = triton.next_power_of_2(max(n, 2))
+                shape = dict(BLOCK=block, HALF=block // 2, QB=qb, GRAD_BF16=bf16, KP=triton.next_power_of_2(k))
+                launches.add(_compress_odd_buckets, rect, addresses, COMPRESS_HINTED, shape)
+    launches.launch()
+    return undos
+
+
+def update_triton_(jobs: list[tuple]) -> None:
+    """The second half for many block ranges at once: ``jobs`` holds ``(geometry, b0, b1, param,
+    state, cfg, flag, undo)`` tuples. The sparse update from the window (then the densification
+    when alpha is set); or, where ``flag`` is set (read on the device), the state put back from
+    ``undo`` and the parameter left as it was."""
+    if not jobs:
+        return
+    device = jobs[0][3].device
+    # every job's window weights (b1^q and b2^q per filled slot) in one device buffer
+    weights, at = [], []
+    for _, _, _, param, _, cfg, _, _ in jobs:
+        _check_buffers(param, "parameter")
+        _, _, w1, w2 = window_weights(cfg, "cpu")
+        at.append(len(weights))
+        weights += w1.tolist() + w2.tolist()
+    weights = _Launches(device)._to_device(torch.tensor(weights, dtype=torch.float32))
+    launches = _Launches(device)
+    for (geometry, b0, b1, param, state, cfg, flag, undo), w in zip(jobs, at):
+        win_idx, win_val = state["window_idx"], state["window_val"]
+        slot, filled = (cfg.step - 1) % cfg.window_size, min(cfg.step, cfg.window_size)
+        c1, c2 = bias_corrections(cfg.step, cfg.beta1, cfg.beta2)
+        base = weights.data_ptr() + 4 * w
+        addresses = [param.data_ptr(), win_idx.data_ptr(), win_val.data_ptr(), base, base + 4 * filled]
+        addresses += [t.data_ptr() for t in (flag, state["ef_codes"], state["ef_stats"])]
+        addresses += [undo[key].data_ptr() for key in ("ef_codes", "ef_stats", "window_idx", "window_val")]
+        scalars = [cfg.lr, c1, c2, cfg.eps, 1.0 - cfg.lr * cfg.weight_decay]
+        step_fields = [filled, slot, win_idx.stride(0)] + [_f32_bits(x) for x in scalars]
+        for rect in geometry.rects(b0, b1):
+            block = triton.next_power_of_2(max(rect.block_len, 2))
+            entries = triton.next_power_of_2(max(filled * rect.k, 2))
+            shape = dict(ENTRIES=entries, PARAM_BF16=param.dtype == torch.bfloat16, DECAY=cfg.weight_decay != 0.0)
             # one warp sorts and scans <= 1024 entries with shuffles only (no shared-memory rounds):
             # 50 instead of 72 thread-instructions per element at the default geometry
-            num_warps=1 if block <= 4096 and entries <= 1024 else 4,
-        )
-    if cfg.alpha != 0.0:  # the authors' densification: one more pass (kernels/densify.py)
-        densify_triton_(geometry, b0, b1, param, state, cfg, flag)
+            warps = 1 if block <= 4096 and entries <= 1024 else 4
+            launches.add(
+                _update, rect, addresses, UPDATE_HINTED, dict(BLOCK=block, **shape), step_fields, num_warps=warps
+            )
+    launches.launch()
+    for geometry, b0, b1, param, state, cfg, flag, _ in jobs:
+        if cfg.alpha != 0.0:  # the authors' densification: one more pass (kernels/densify.py)
+            densify_triton_(geometry, b0, b1, param, state, cfg, flag)
 
 
 def microadam_blocks_triton_(
@@ -778,6 +794,5 @@ def microadam_blocks_triton_(
     """The Triton path of ``functional.microadam_blocks_`` (same arguments, same results): both
     halves. A gradient with a NaN or an infinity leaves state and parameter as they were."""
     flag = torch.zeros((), dtype=torch.int32, device=param.device)
-    update_triton_(
-        geometry, b0, b1, param, state, cfg, flag, compress_triton_(geometry, b0, b1, grad, state, cfg, flag)
-    )
+    (undo,) = compress_triton_([(geometry, b0, b1, grad, state, cfg, flag)])
+    update_triton_([(geometry, b0, b1, param, state, cfg, flag, undo)])

@@ -38,11 +38,12 @@ UNDO_CHUNK_ELEMENTS = 1 << 27
 @dataclass(frozen=True)
 class SplitStep:
     """A step implementation in two halves around the finiteness decision, so that the gradient
-    is read once (the Triton path). ``compress(geometry, b0, b1, grad, state, cfg, flag)`` writes
-    the new window slot and error feedback, sets ``flag`` (an int32 scalar on the device) when the
-    gradient holds a NaN or an infinity, and returns an undo record; ``update(geometry, b0, b1,
-    param, state, cfg, flag, undo)`` applies the step or, with the flag set (by any rank), puts
-    the state back. Called as a ``blocks_fn`` it runs both halves."""
+    is read once (the Triton path). Each half takes a list, so that it can batch its launches
+    across parameters. ``compress([(geometry, b0, b1, grad, state, cfg, flag), ...])`` writes the
+    new window slots and error feedback, sets each ``flag`` (an int32 scalar on the device) whose
+    gradient holds a NaN or an infinity, and returns one undo record per item;
+    ``update([(geometry, b0, b1, param, state, cfg, flag, undo), ...])`` applies the steps or,
+    where the flag is set (by any rank), puts the state back."""
 
     compress: Callable
     update: Callable
@@ -294,16 +295,19 @@ class ShardedStepper:
         flags = torch.zeros(len(plan.keys), dtype=torch.int32, device=param_device)
         for lo, hi in plan.chunks:
             chunk = [job for job in jobs if lo <= index[job[1].key] < hi and job[2][2] > job[2][1]]
-            undo = [
-                split.compress(*blocks, grad, state, cfg, flags[index[seg.key]])
-                for _, seg, blocks, _, grad, state, cfg, _ in chunk
-            ]
+            flag_of = [flags[index[job[1].key]] for job in chunk]
+            halves = [(*blocks, grad, state, cfg) for _, _, blocks, _, grad, state, cfg, _ in chunk]
+            undo = split.compress([(*half, flag) for half, flag in zip(halves, flag_of)])
             if world > 1 and not checked:  # (through CUDA under NCCL for CPU-offloaded parameters)
                 agreed = flags[lo:hi].to(collective)
                 dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.process_group)
                 flags[lo:hi].copy_(agreed)
-            for (_, seg, blocks, param, _, state, cfg, _), rec in zip(chunk, undo):
-                split.update(*blocks, param, state, cfg, flags[index[seg.key]], rec)
+            split.update(
+                [
+                    (*blocks, param, state, cfg, flag, rec)
+                    for (_, _, blocks, param, _, state, cfg, _), flag, rec in zip(chunk, flag_of, undo)
+                ]
+            )
         if checked:
             return set()
         return {key for key, flag in zip(plan.keys, flags.tolist()) if flag}

@@ -17,14 +17,8 @@ assert not os.environ.get("TRITON_INTERPRET"), "run without TRITON_INTERPRET"
 from microadam_dist.kernels import densify  # noqa: E402
 from microadam_dist.kernels import triton_path as tp  # noqa: E402
 
-# the undo record and the non-finite flag, shared by the compress and update kernels
-UNDO = {
-    "flag_ptr": "*i32",
-    "undo_codes_ptr": "*u8",
-    "undo_stats_ptr": "*fp32",
-    "undo_idx_ptr": "*i16",
-    "undo_val_ptr": "*i16",
-}
+# every kernel of the step takes a launch table (int64 rows) and the rectangle of each program
+TABLE = {"table_ptr": "*i64", "rect_of_ptr": "*i32"}
 
 
 def compile_variant(fn, arch, pointer_types, constexprs, scalar_types=None):
@@ -50,82 +44,41 @@ def compile_variant(fn, arch, pointer_types, constexprs, scalar_types=None):
 
 
 def main():
-    floats = {"lr": "fp32", "c1": "fp32", "c2": "fp32", "eps": "fp32", "decay": "fp32"}
     for arch, blocks in ((90, (64, 4096)), (80, (4096,))):
         for bf16 in (False, True):
-            data = "*i16" if bf16 else "*fp32"  # bf16 tensors travel as int16 bits
-            compress_ptrs = {
-                "grad_ptr": data,
-                "codes_ptr": "*u8",
-                "stats_ptr": "*fp32",
-                "idx_ptr": "*i16",
-                "val_ptr": "*i16",
-                **UNDO,
-            }
             for block in blocks:
                 bucket = 16 if block == 64 else 2048  # the tests' and the default geometry
-                print(
-                    json.dumps(
-                        compile_variant(
-                            tp._compress,
-                            arch,
-                            compress_ptrs,
-                            {
-                                "NB": block // bucket,
-                                "BS": bucket,
-                                "QB": bucket,
-                                "GRAD_BF16": bf16,
-                                "TOPK_FAST": True,
-                                "G": min(128, block),
-                                "CAND": 64 if block > 64 else 8,
-                                "KP": 64 if block > 64 else 4,
-                                "RADIX_FALLBACK": True,
-                            },
-                        )
-                    ),
-                    flush=True,
-                )
+                compress = {
+                    "NB": block // bucket,
+                    "BS": bucket,
+                    "QB": bucket,
+                    "GRAD_BF16": bf16,
+                    "TOPK_FAST": True,
+                    "G": min(128, block),
+                    "CAND": 64 if block > 64 else 8,
+                    "KP": 64 if block > 64 else 4,
+                    "ALIGNED": block > 64,
+                    "RADIX_FALLBACK": True,
+                }
+                print(json.dumps(compile_variant(tp._compress, arch, TABLE, compress)), flush=True)
                 for decay in (False, True):
-                    print(
-                        json.dumps(
-                            compile_variant(
-                                tp._update,
-                                arch,
-                                {
-                                    "param_ptr": data,
-                                    "idx_ptr": "*i16",
-                                    "val_ptr": "*i16",
-                                    "w1_ptr": "*fp32",
-                                    "w2_ptr": "*fp32",
-                                    "codes_ptr": "*u8",
-                                    "stats_ptr": "*fp32",
-                                    **UNDO,
-                                },
-                                {"ENTRIES": 512, "PARAM_BF16": bf16, "DECAY": decay, "BLOCK": block},
-                                floats,
-                            )
-                        ),
-                        flush=True,
-                    )
+                    update = {"ENTRIES": 512, "PARAM_BF16": bf16, "DECAY": decay, "BLOCK": block, "ALIGNED": True}
+                    print(json.dumps(compile_variant(tp._update, arch, TABLE, update)), flush=True)
             # an odd bucket size takes the one-row kernel
-            print(
-                json.dumps(
-                    compile_variant(
-                        tp._compress_odd_buckets,
-                        arch,
-                        compress_ptrs,
-                        {"BLOCK": 128, "HALF": 64, "GRAD_BF16": bf16, "KP": 8},
-                    )
-                ),
-                flush=True,
-            )
+            odd = {"BLOCK": 128, "HALF": 64, "QB": 15, "GRAD_BF16": bf16, "KP": 8, "ALIGNED": False}
+            print(json.dumps(compile_variant(tp._compress_odd_buckets, arch, TABLE, odd)), flush=True)
             # the densification pass (alpha > 0)
             print(
                 json.dumps(
                     compile_variant(
                         densify._densify,
                         arch,
-                        {"param_ptr": data, "codes_ptr": "*u8", "stats_ptr": "*fp32", "flag_ptr": "*i32"},
+                        {
+                            "param_ptr": "*i16" if bf16 else "*fp32",
+                            "codes_ptr": "*u8",
+                            "stats_ptr": "*fp32",
+                            "flag_ptr": "*i32",
+                        },
                         {"BLOCK": 4096, "HALF": 2048, "PARAM_BF16": bf16},
                         {"lr_alpha": "fp32", "keep": "fp32"},
                     )

@@ -6,6 +6,8 @@ Parameters are compared with a tolerance: the kernels sum a repeated index's win
 another order than the reference's scatter_add, a few fp32 ulps of M and S.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -185,3 +187,46 @@ def test_largest_block():
         return torch.randn(n, generator=gen)
 
     run_both((2, 32768), torch.bfloat16, 0.0, steps=3, density=0.01, block=32768, bucket=2048, window=3, grads=grads)
+
+
+def test_a_step_batches_every_parameter_into_few_launches(monkeypatch):
+    """Twelve parameters of three shapes (whole rows of blocks, and a short last block) step with
+    one launch per compile-time shape and half, not one per parameter piece, and still agree
+    with the reference; a non-finite gradient in one of them skips that one only."""
+    launched = []
+
+    def counting(kernel):
+        class Counted:
+            def __getitem__(self, grid):
+                launched.append(kernel.__name__)
+                return kernel[grid]
+
+        return Counted()
+
+    for name in ("_compress", "_update"):
+        monkeypatch.setattr(triton_path, name, counting(getattr(triton_path, name)))
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(4, 64)] * 6 + [(2, 100)] * 4 + [(256,)] * 2  # rows of 64 + 36: two block lengths
+    params = [torch.randn(s, generator=gen).to(DEVICE).requires_grad_() for s in shapes]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    hp = dict(lr=1e-2, weight_decay=0.01, block_size=64, quant_bucket_size=16, density=0.05, window_size=3)
+    opt_t, opt_r = MicroAdam(params, backend="triton", **hp), MicroAdam(twins, backend="torch", **hp)
+    for step in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+            q.grad = p.grad.clone()
+        if step == 2:
+            params[7].grad[1, 3] = float("nan")
+            twins[7].grad[1, 3] = float("nan")
+        launched.clear()
+        with pytest.warns(RuntimeWarning, match="NaN") if step == 2 else contextlib.nullcontext():
+            opt_t.step()
+            opt_r.step()
+        # three compile-time shapes per half, whatever the number of parameters: full blocks whose
+        # offsets are 16-divisible (the (4, 64) and (256,) ones), full blocks on rows of 100, and
+        # the 36-element short blocks
+        assert sorted(launched) == ["_compress"] * 3 + ["_update"] * 3, launched
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        for key in ("step", "window_idx", "window_val", "ef_codes", "ef_stats"):
+            assert torch.equal(opt_t.state[p][key], opt_r.state[q][key]), key
