@@ -14,88 +14,47 @@ import torch
 import triton
 import triton.language as tl
 
-from microadam_dist.functional import StepConfig, densify_scalars
-from microadam_dist.geometry import Geometry
-
-# no fused multiply-adds: lo + code * u and p - c * e are rounded twice, as PyTorch does
-LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+from microadam_dist.functional import densify_scalars
+from microadam_dist.kernels.launch_table import Launches, address, block_of, f32_field
 
 
 @triton.jit
 def _densify(
-    param_ptr,
-    codes_ptr,
-    stats_ptr,
-    flag_ptr,
-    n,
-    num_cols,
-    buckets,
-    ef_bytes,
-    bucket_size,
-    elem_off,
-    elem_row,
-    ef_off,
-    ef_row,
-    q_off,
-    q_row,
-    lr_alpha,
-    keep,
+    table_ptr,
+    rect_of_ptr,
     BLOCK: tl.constexpr,
     HALF: tl.constexpr,
+    QB: tl.constexpr,
     PARAM_BF16: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    if tl.load(flag_ptr) == 0:  # a skipped step (non-finite gradient) densifies nothing either
-        _densify_block(
-            param_ptr,
-            codes_ptr,
-            stats_ptr,
-            n,
-            num_cols,
-            buckets,
-            ef_bytes,
-            bucket_size,
-            elem_off,
-            elem_row,
-            ef_off,
-            ef_row,
-            q_off,
-            q_row,
-            lr_alpha,
-            keep,
-            BLOCK,
-            HALF,
-            PARAM_BF16,
-        )
+    """Table row: addresses (parameter, codes, statistics, the non-finite flag), scalars
+    (lr * alpha, 1 - alpha) (``launch_table``)."""
+    t, n, _, buckets, ef_bytes, e0, _, c0, q0 = block_of(table_ptr, rect_of_ptr, ALIGNED)
+    if tl.load(address(t, 3, tl.int32, False)) == 0:  # a skipped step densifies nothing either
+        _densify_block(t, n, buckets, ef_bytes, e0, c0, q0, BLOCK, HALF, QB, PARAM_BF16, ALIGNED)
 
 
 @triton.jit
 def _densify_block(
-    param_ptr,
-    codes_ptr,
-    stats_ptr,
+    t,
     n,
-    num_cols,
     buckets,
     ef_bytes,
-    bucket_size,
-    elem_off,
-    elem_row,
-    ef_off,
-    ef_row,
-    q_off,
-    q_row,
-    lr_alpha,
-    keep,
+    e0,
+    c0,
+    q0,
     BLOCK: tl.constexpr,
     HALF: tl.constexpr,
+    QB: tl.constexpr,
     PARAM_BF16: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // num_cols
-    col = pid % num_cols
-    e0 = elem_off + row * elem_row + col * n
-    c0 = ef_off + row * ef_row + col * ef_bytes
-    q0 = q_off + row * q_row + col * buckets
+    codes_ptr = address(t, 1, tl.uint8, ALIGNED)
+    stats_ptr = address(t, 2, tl.float32, False)
+    lr_alpha = f32_field(t, 0)
+    keep = f32_field(t, 1)
+    bucket_size = QB
     offs = tl.arange(0, BLOCK)
     inside = offs < n
 
@@ -110,12 +69,14 @@ def _densify_block(
     # p -= (lr * alpha) * e, then one rounding to p's dtype (bf16: round to nearest even by bits;
     # the interpreter's casts truncate)
     if PARAM_BF16:
+        param_ptr = address(t, 0, tl.int16, ALIGNED)
         bits = tl.load(param_ptr + e0 + offs, mask=inside, other=0)
         p = (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
         p = (p - lr_alpha * e).to(tl.int32, bitcast=True)
         p = ((p + 0x7FFF + ((p >> 16) & 1)) >> 16).to(tl.int16)
         tl.store(param_ptr + e0 + offs, p, mask=inside)
     else:
+        param_ptr = address(t, 0, tl.float32, ALIGNED)
         p = tl.load(param_ptr + e0 + offs, mask=inside, other=0.0)
         tl.store(param_ptr + e0 + offs, p - lr_alpha * e, mask=inside)
 
@@ -137,42 +98,26 @@ def _densify_block(
     tl.store(codes_ptr + c0 + pair, (even | (odd << 4)).to(tl.uint8), mask=pair < ef_bytes)
 
 
-def densify_triton_(
-    geometry: Geometry,
-    b0: int,
-    b1: int,
-    param: torch.Tensor,
-    state: dict[str, torch.Tensor],
-    cfg: StepConfig,
-    flag: torch.Tensor,
-) -> None:
-    """The densification pass on blocks [b0, b1) (arguments as ``microadam_blocks_triton_``),
-    run after the step's sparse update has been written to ``param``; nothing when ``flag`` (the
-    step's non-finite flag, an int32 scalar on the device) is set."""
-    lr_alpha, keep = densify_scalars(cfg)
-    param_bits = param.view(torch.int16) if param.dtype == torch.bfloat16 else param
-    for rect in geometry.rects(b0, b1):
-        block = triton.next_power_of_2(max(rect.block_len, 2))
-        _densify[(rect.num_blocks,)](
-            param_bits,
-            state["ef_codes"],
-            state["ef_stats"],
-            flag,
-            rect.block_len,
-            rect.num_cols,
-            rect.buckets,
-            rect.ef_bytes,
-            geometry.quant_bucket_size,
-            rect.elem_offset,
-            rect.elem_row_stride,
-            rect.ef_offset,
-            rect.ef_row_stride,
-            rect.bucket_offset,
-            rect.bucket_row_stride,
-            lr_alpha,
-            keep,
-            BLOCK=block,
-            HALF=block // 2,
-            PARAM_BF16=param.dtype == torch.bfloat16,
-            **LAUNCH_OPTIONS,
-        )
+def densify_triton_(jobs: list[tuple]) -> None:
+    """The densification pass on many block ranges at once, run after their sparse updates have
+    been written: ``jobs`` holds ``(geometry, b0, b1, param, state, cfg, flag)`` tuples (as
+    ``triton_path.update_triton_``); a range whose ``flag`` (the step's non-finite flag, an int32
+    scalar on the device) is set is left alone. One launch per block shape."""
+    if not jobs:
+        return
+    launches = Launches(jobs[0][3].device)
+    for geometry, b0, b1, param, state, cfg, flag in jobs:
+        lr_alpha, keep = densify_scalars(cfg)
+        addresses = [t.data_ptr() for t in (param, state["ef_codes"], state["ef_stats"], flag)]
+        for rect in geometry.rects(b0, b1):
+            block = triton.next_power_of_2(max(rect.block_len, 2))
+            shape = dict(BLOCK=block, HALF=block // 2, QB=geometry.quant_bucket_size)
+            launches.add(
+                _densify,
+                rect,
+                addresses,
+                (0, 1),
+                dict(PARAM_BF16=param.dtype == torch.bfloat16, **shape),
+                (lr_alpha, keep),
+            )
+    launches.launch()

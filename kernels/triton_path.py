@@ -27,8 +27,6 @@ bit shifts.
 
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +34,7 @@ import triton.language as tl
 from microadam_dist.functional import StepConfig, bias_corrections, window_weights
 from microadam_dist.geometry import Geometry
 from microadam_dist.kernels.densify import densify_triton_
+from microadam_dist.kernels.launch_table import Launches, address, block_of, f32_field, scalar
 
 # top-k fast path: the bound is the k-th largest of this many group maxima, and at most this many
 # candidates (entries >= the bound) are ranked pairwise; blocks with more take the radix search
@@ -48,8 +47,8 @@ def supports(window_size: int, k: int) -> bool:
     return window_size * k <= MAX_WINDOW_ENTRIES
 
 
-# no fused multiply-adds: the GPU compiler would otherwise round lo + code * u once, not twice
-LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+# the addresses an ALIGNED launch hints as 16-byte aligned: gradient, codes and undo codes; parameter
+COMPRESS_HINTED, UPDATE_HINTED = (0, 1, 6), (0,)
 
 
 @triton.jit
@@ -115,90 +114,20 @@ def _restore(dst_ptr, src_ptr, count, TILE: tl.constexpr):
         tl.store(dst_ptr + at, tl.load(src_ptr + at, mask=at < count), mask=at < count)
 
 
-# One launch serves every rectangle of a step (of any parameters) that compiles the same: a table
-# holds one int64 row per rectangle and a second array the rectangle of each program. A row is the
-# rectangle's RECT_FIELDS, then ADDRESSES tensor addresses (the kernel's own order), then, for the
-# update, STEP_FIELDS (the floats as fp32 bits).
-RECT_FIELDS = (
-    "n",
-    "k",
-    "num_cols",
-    "buckets",
-    "ef_bytes",
-    "elem_off",
-    "elem_row",
-    "k_off",
-    "k_row",
-    "ef_off",
-    "ef_row",
-    "q_off",
-    "q_row",
-    "first_program",
-)
-ADDRESSES = 12
-STEP_FIELDS = ("filled", "slot", "slot_stride", "lr", "c1", "c2", "eps", "decay")
-# the addresses an ALIGNED launch hints as 16-byte aligned: gradient, codes and undo codes; parameter
-COMPRESS_HINTED, UPDATE_HINTED = (0, 1, 6), (0,)
-ADDRESS_AT = tl.constexpr(len(RECT_FIELDS))
-STEP_AT = tl.constexpr(len(RECT_FIELDS) + ADDRESSES)
-ROW = tl.constexpr(len(RECT_FIELDS) + ADDRESSES + len(STEP_FIELDS))
-
-
-@triton.jit
-def _block_of(table_ptr, rect_of_ptr, ALIGNED: tl.constexpr):
-    """This program's block: its rectangle's table row, the block's length n, k, buckets and code
-    bytes, and its first element, window entry, code byte and bucket (RECT_FIELDS order).
-    ALIGNED: every rectangle of the launch has 16-divisible element and code-byte offsets."""
-    pid = tl.program_id(0)
-    t = table_ptr + tl.load(rect_of_ptr + pid).to(tl.int64) * ROW
-    n = tl.load(t).to(tl.int32)
-    k = tl.load(t + 1).to(tl.int32)
-    num_cols = tl.load(t + 2).to(tl.int32)
-    buckets = tl.load(t + 3).to(tl.int32)
-    ef_bytes = tl.load(t + 4).to(tl.int32)
-    b = pid - tl.load(t + 13).to(tl.int32)  # 32-bit division: no 64-bit division routine
-    row = (b // num_cols).to(tl.int64)
-    col = (b % num_cols).to(tl.int64)
-    e0 = tl.load(t + 5) + row * tl.load(t + 6) + col * n
-    k0 = tl.load(t + 7) + row * tl.load(t + 8) + col * k
-    c0 = tl.load(t + 9) + row * tl.load(t + 10) + col * ef_bytes
-    q0 = tl.load(t + 11) + row * tl.load(t + 12) + col * buckets
-    if ALIGNED:  # what Triton's JIT infers from 16-divisible arguments: masks and vector loads
-        n = tl.multiple_of(n, 16)
-        ef_bytes = tl.multiple_of(ef_bytes, 16)
-        e0 = tl.multiple_of(e0, 16)
-        c0 = tl.multiple_of(c0, 16)
-    return t, n, k, buckets, ef_bytes, e0, k0, c0, q0
-
-
-@triton.jit
-def _address(t, i, dtype: tl.constexpr, ALIGNED: tl.constexpr):
-    """The i-th tensor address of table row t as a pointer to dtype (ALIGNED: 16-byte aligned)."""
-    ptr = tl.load(t + ADDRESS_AT + i).to(tl.pointer_type(dtype))
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
-
-
-@triton.jit
-def _f32_field(t, i):
-    return tl.load(t + i).to(tl.int32).to(tl.float32, bitcast=True)
-
-
 @triton.jit
 def _compress_addresses(t, GRAD_BF16: tl.constexpr, ALIGNED: tl.constexpr):
     """gradient, codes, statistics, ring-slot indices and values, non-finite flag."""
     if GRAD_BF16:
-        grad_ptr = _address(t, 0, tl.int16, ALIGNED)
+        grad_ptr = address(t, 0, tl.int16, ALIGNED)
     else:
-        grad_ptr = _address(t, 0, tl.float32, ALIGNED)
+        grad_ptr = address(t, 0, tl.float32, ALIGNED)
     return (
         grad_ptr,
-        _address(t, 1, tl.uint8, ALIGNED),
-        _address(t, 2, tl.float32, False),
-        _address(t, 3, tl.int16, False),
-        _address(t, 4, tl.int16, False),
-        _address(t, 5, tl.int32, False),
+        address(t, 1, tl.uint8, ALIGNED),
+        address(t, 2, tl.float32, False),
+        address(t, 3, tl.int16, False),
+        address(t, 4, tl.int16, False),
+        address(t, 5, tl.int32, False),
     )
 
 
@@ -206,10 +135,10 @@ def _compress_addresses(t, GRAD_BF16: tl.constexpr, ALIGNED: tl.constexpr):
 def _undo_addresses(t, first, ALIGNED: tl.constexpr):
     """The undo record's codes, statistics, ring-slot indices and values, from address ``first``."""
     return (
-        _address(t, first, tl.uint8, ALIGNED),
-        _address(t, first + 1, tl.float32, False),
-        _address(t, first + 2, tl.int16, False),
-        _address(t, first + 3, tl.int16, False),
+        address(t, first, tl.uint8, ALIGNED),
+        address(t, first + 1, tl.float32, False),
+        address(t, first + 2, tl.int16, False),
+        address(t, first + 3, tl.int16, False),
     )
 
 
@@ -323,7 +252,7 @@ def _compress(
     """The block as [NB, BS]: row r holds bucket r (element r * QB + j for j < QB), so every
     per-bucket quantity is a scalar of its row (one load, one division per bucket) and a row-major
     scan is a scan in element order. QB is even (pairs of 4-bit codes never straddle a bucket)."""
-    t, n, k, buckets, ef_bytes, e0, k0, c0, q0 = _block_of(table_ptr, rect_of_ptr, ALIGNED)
+    t, n, k, buckets, ef_bytes, e0, k0, c0, q0 = block_of(table_ptr, rect_of_ptr, ALIGNED)
     grad_ptr, codes_ptr, stats_ptr, idx_ptr, val_ptr, flag_ptr = _compress_addresses(t, GRAD_BF16, ALIGNED)
     undo_codes_ptr, undo_stats_ptr, undo_idx_ptr, undo_val_ptr = _undo_addresses(t, 6, ALIGNED)
     rb = tl.arange(0, NB)
@@ -416,7 +345,7 @@ def _compress_odd_buckets(
 ):
     """``_compress`` for an odd bucket size (4-bit code pairs straddle buckets): the block as
     one row, per-element bucket statistics and a runtime loop over the buckets."""
-    t, n, k, buckets, ef_bytes, e0, k0, c0, q0 = _block_of(table_ptr, rect_of_ptr, ALIGNED)
+    t, n, k, buckets, ef_bytes, e0, k0, c0, q0 = block_of(table_ptr, rect_of_ptr, ALIGNED)
     grad_ptr, codes_ptr, stats_ptr, idx_ptr, val_ptr, flag_ptr = _compress_addresses(t, GRAD_BF16, ALIGNED)
     undo_codes_ptr, undo_stats_ptr, undo_idx_ptr, undo_val_ptr = _undo_addresses(t, 6, ALIGNED)
     bucket_size = QB
@@ -518,19 +447,19 @@ def _update(
     ALIGNED: tl.constexpr,
     RESTORE: tl.constexpr = True,
 ):
-    t, n, k, buckets, ef_bytes, e0, k0, c0, q0 = _block_of(table_ptr, rect_of_ptr, ALIGNED)
+    t, n, k, buckets, ef_bytes, e0, k0, c0, q0 = block_of(table_ptr, rect_of_ptr, ALIGNED)
     skipped = 0
     if RESTORE:  # RESTORE=False: kernel_cost.py's fast path (the restore branch left out)
-        skipped = tl.load(_address(t, 5, tl.int32, False))
+        skipped = tl.load(address(t, 5, tl.int32, False))
     if skipped != 0:
         # the step is skipped (a non-finite gradient somewhere in the parameter, on some rank):
         # put back what _compress overwrote; the parameter is not written
-        codes_ptr = _address(t, 6, tl.uint8, False)
-        stats_ptr = _address(t, 7, tl.float32, False)
+        codes_ptr = address(t, 6, tl.uint8, False)
+        stats_ptr = address(t, 7, tl.float32, False)
         undo_codes_ptr, undo_stats_ptr, undo_idx_ptr, undo_val_ptr = _undo_addresses(t, 8, False)
-        slot_at = tl.load(t + STEP_AT + 1) * tl.load(t + STEP_AT + 2) + k0  # slot * slot stride
-        _restore(_address(t, 1, tl.int16, False) + slot_at, undo_idx_ptr + k0, k, 256)
-        _restore(_address(t, 2, tl.int16, False) + slot_at, undo_val_ptr + k0, k, 256)
+        slot_at = scalar(t, 1) * scalar(t, 2) + k0  # slot * slot stride
+        _restore(address(t, 1, tl.int16, False) + slot_at, undo_idx_ptr + k0, k, 256)
+        _restore(address(t, 2, tl.int16, False) + slot_at, undo_val_ptr + k0, k, 256)
         _restore(codes_ptr + c0, undo_codes_ptr + c0, ef_bytes, 256)
         _restore(stats_ptr + 2 * q0, undo_stats_ptr + 2 * q0, 2 * buckets, 256)
     else:
@@ -552,9 +481,9 @@ def _apply_update(
 ):
     """The update of one block; its addresses and scalars are read from table row t where they are
     needed, so that they do not hold registers across the sort (a launch argument would not)."""
-    idx_ptr = _address(t, 1, tl.int16, False)
-    filled = tl.load(t + STEP_AT).to(tl.int32)
-    slot_stride = tl.load(t + STEP_AT + 2)
+    idx_ptr = address(t, 1, tl.int16, False)
+    filled = scalar(t, 0).to(tl.int32)
+    slot_stride = scalar(t, 2)
     total = filled * k
     ent = tl.arange(0, ENTRIES)
     valid = ent < total
@@ -565,21 +494,21 @@ def _apply_update(
     sidx = key // ENTRIES
     ok = sidx < 32768
     where = (e // k) * slot_stride + k0 + e % k
-    v = _bf16_bits_to_f32(tl.load(_address(t, 2, tl.int16, False) + where, mask=ok, other=0))
-    w1 = tl.load(_address(t, 3, tl.float32, False) + e // k, mask=ok, other=0.0)
-    w2 = tl.load(_address(t, 4, tl.float32, False) + e // k, mask=ok, other=0.0)
+    v = _bf16_bits_to_f32(tl.load(address(t, 2, tl.int16, False) + where, mask=ok, other=0))
+    w1 = tl.load(address(t, 3, tl.float32, False) + e // k, mask=ok, other=0.0)
+    w2 = tl.load(address(t, 4, tl.float32, False) + e // k, mask=ok, other=0.0)
     # M and S of each index, complete at the first of its entries (a suffix scan within equal keys)
     _, m_sum, s_sum = tl.associative_scan((sidx, v * w1, v * v * w2), 0, _min_key_sum, reverse=True)
     _, seen = tl.associative_scan((sidx, tl.full([ENTRIES], 1, tl.int32)), 0, _max_key_count)
     write = ok & (seen == 1)  # one write per distinct index
-    c1 = _f32_field(t, STEP_AT + 4)
-    c2 = _f32_field(t, STEP_AT + 5)
-    upd = tl.div_rn(m_sum * c1, tl.sqrt_rn(s_sum * c2) + _f32_field(t, STEP_AT + 6))
-    lr = _f32_field(t, STEP_AT + 3)
+    c1 = f32_field(t, 4)
+    c2 = f32_field(t, 5)
+    upd = tl.div_rn(m_sum * c1, tl.sqrt_rn(s_sum * c2) + f32_field(t, 6))
+    lr = f32_field(t, 3)
     if PARAM_BF16:
-        param_ptr = _address(t, 0, tl.int16, ALIGNED)
+        param_ptr = address(t, 0, tl.int16, ALIGNED)
     else:
-        param_ptr = _address(t, 0, tl.float32, ALIGNED)
+        param_ptr = address(t, 0, tl.float32, ALIGNED)
     if PARAM_BF16:
         p = _bf16_bits_to_f32(tl.load(param_ptr + e0 + sidx, mask=write, other=0))
     else:
@@ -587,7 +516,7 @@ def _apply_update(
     if DECAY:
         # dense decay, rounded once together with the update: the entries' old values are read
         # above; every element is written decayed, then (after a barrier) the entries
-        decay = _f32_field(t, STEP_AT + 7)
+        decay = f32_field(t, 7)
         p = p * decay
         tl.debug_barrier()  # every warp has read its entries before any warp writes the block
         offs = tl.arange(0, BLOCK)
@@ -624,66 +553,6 @@ def _check_entries(window_size: int, k: int) -> None:
         )
 
 
-def _f32_bits(x: float) -> int:
-    return struct.unpack("<i", struct.pack("<f", x))[0]
-
-
-class _Launches:
-    """The rectangles of one half of a step, grouped by what their kernel compiles to: one launch
-    per group, whatever the number of parameters (torch's fused optimizers take tensor lists the
-    same way). Nothing runs before ``launch``, so a refused rectangle leaves nothing half done."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.groups: dict = {}  # (kernel, constexprs, options) -> (rows, blocks per row)
-
-    def add(self, kernel, rect, addresses: list[int], hinted, constexprs: dict, step_fields=(), **options) -> None:
-        """One rectangle of ``kernel``: its tensor addresses (the kernel's order), those of them the
-        alignment hint covers (``hinted``: indices), its constexprs and per-step scalars."""
-        fields = [
-            rect.block_len,
-            rect.k,
-            rect.num_cols,
-            rect.buckets,
-            rect.ef_bytes,
-            rect.elem_offset,
-            rect.elem_row_stride,
-            rect.k_offset,
-            rect.k_row_stride,
-            rect.ef_offset,
-            rect.ef_row_stride,
-            rect.bucket_offset,
-            rect.bucket_row_stride,
-            0,  # first_program, set at launch
-        ]
-        # ALIGNED (vector loads) when every block's element and code-byte offsets and the hinted
-        # addresses are 16-divisible, as Triton's JIT would specialize them
-        offsets = fields[4:7] + fields[9:11] + fields[:1]
-        aligned = all(v % 16 == 0 for v in offsets) and all(addresses[i] % 16 == 0 for i in hinted)
-        row = fields + addresses + [0] * (ADDRESSES - len(addresses)) + list(step_fields)
-        key = (kernel, tuple(sorted({**constexprs, "ALIGNED": aligned}.items())), tuple(sorted(options.items())))
-        rows, blocks = self.groups.setdefault(key, ([], []))
-        rows.append(row + [0] * (ROW.value - len(row)))
-        blocks.append(rect.num_blocks)
-
-    def launch(self) -> None:
-        for (kernel, constexprs, options), (rows, blocks) in self.groups.items():
-            first = 0
-            for row, nb in zip(rows, blocks):
-                row[len(RECT_FIELDS) - 1] = first
-                first += nb
-            table = self._to_device(torch.tensor(rows, dtype=torch.int64))
-            rect_of = self._to_device(
-                torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(blocks))
-            )
-            kernel[(first,)](table, rect_of, **dict(constexprs), **dict(options), **LAUNCH_OPTIONS)
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)  # no wait for the GPU
-
-
 def compress_triton_(jobs: list[tuple]) -> list[dict[str, torch.Tensor]]:
     """The first half of a step for many block ranges at once: ``jobs`` holds ``(geometry, b0, b1,
     grad, state, cfg, flag)`` tuples (arguments as ``microadam_blocks_triton_``, plus ``flag``, an
@@ -692,7 +561,7 @@ def compress_triton_(jobs: list[tuple]) -> list[dict[str, torch.Tensor]]:
     per job the undo record (the slot entries, codes and statistics overwritten) that
     ``update_triton_`` restores from when a step is skipped. A few launches in all; no host sync."""
     undos = []
-    launches = _Launches(jobs[0][3].device if jobs else torch.device("cpu"))
+    launches = Launches(jobs[0][3].device if jobs else torch.device("cpu"))
     for geometry, b0, b1, grad, state, cfg, flag in jobs:
         _check_buffers(grad, "gradient")
         _check_state(state)
@@ -754,8 +623,8 @@ def update_triton_(jobs: list[tuple]) -> None:
         _, _, w1, w2 = window_weights(cfg, "cpu")
         at.append(len(weights))
         weights += w1.tolist() + w2.tolist()
-    weights = _Launches(device)._to_device(torch.tensor(weights, dtype=torch.float32))
-    launches = _Launches(device)
+    weights = Launches(device).to_device(torch.tensor(weights, dtype=torch.float32))
+    launches = Launches(device)
     for (geometry, b0, b1, param, state, cfg, flag, undo), w in zip(jobs, at):
         win_idx, win_val = state["window_idx"], state["window_val"]
         slot, filled = (cfg.step - 1) % cfg.window_size, min(cfg.step, cfg.window_size)
@@ -764,8 +633,8 @@ def update_triton_(jobs: list[tuple]) -> None:
         addresses = [param.data_ptr(), win_idx.data_ptr(), win_val.data_ptr(), base, base + 4 * filled]
         addresses += [t.data_ptr() for t in (flag, state["ef_codes"], state["ef_stats"])]
         addresses += [undo[key].data_ptr() for key in ("ef_codes", "ef_stats", "window_idx", "window_val")]
-        scalars = [cfg.lr, c1, c2, cfg.eps, 1.0 - cfg.lr * cfg.weight_decay]
-        step_fields = [filled, slot, win_idx.stride(0)] + [_f32_bits(x) for x in scalars]
+        scalars = [float(cfg.lr), c1, c2, float(cfg.eps), 1.0 - cfg.lr * cfg.weight_decay]
+        scalars = [filled, slot, win_idx.stride(0), *scalars]  # _update's order
         for rect in geometry.rects(b0, b1):
             block = triton.next_power_of_2(max(rect.block_len, 2))
             entries = triton.next_power_of_2(max(filled * rect.k, 2))
@@ -773,13 +642,10 @@ def update_triton_(jobs: list[tuple]) -> None:
             # one warp sorts and scans <= 1024 entries with shuffles only (no shared-memory rounds):
             # 50 instead of 72 thread-instructions per element at the default geometry
             warps = 1 if block <= 4096 and entries <= 1024 else 4
-            launches.add(
-                _update, rect, addresses, UPDATE_HINTED, dict(BLOCK=block, **shape), step_fields, num_warps=warps
-            )
+            launches.add(_update, rect, addresses, UPDATE_HINTED, dict(BLOCK=block, **shape), scalars, num_warps=warps)
     launches.launch()
-    for geometry, b0, b1, param, state, cfg, flag, _ in jobs:
-        if cfg.alpha != 0.0:  # the authors' densification: one more pass (kernels/densify.py)
-            densify_triton_(geometry, b0, b1, param, state, cfg, flag)
+    # the authors' densification: one more pass (kernels/densify.py)
+    densify_triton_([job[:7] for job in jobs if job[5].alpha != 0.0])
 
 
 def microadam_blocks_triton_(

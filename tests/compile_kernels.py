@@ -16,6 +16,7 @@ from triton.compiler import ASTSource
 assert not os.environ.get("TRITON_INTERPRET"), "run without TRITON_INTERPRET"
 from microadam_dist.kernels import densify  # noqa: E402
 from microadam_dist.kernels import triton_path as tp  # noqa: E402
+from microadam_dist.kernels.launch_table import LAUNCH_OPTIONS  # noqa: E402
 
 # every kernel of the step takes a launch table (int64 rows) and the rectangle of each program
 TABLE = {"table_ptr": "*i64", "rect_of_ptr": "*i32"}
@@ -30,7 +31,7 @@ def compile_variant(fn, arch, pointer_types, constexprs, scalar_types=None):
             signature[name] = {**pointer_types, **(scalar_types or {})}.get(name, "i32")
     consts = {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
     kernel = triton.compile(
-        ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32), options=dict(tp.LAUNCH_OPTIONS)
+        ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32), options=dict(LAUNCH_OPTIONS)
     )
     ptx = kernel.asm["ptx"]
     return {
@@ -68,23 +69,8 @@ def main():
             odd = {"BLOCK": 128, "HALF": 64, "QB": 15, "GRAD_BF16": bf16, "KP": 8, "ALIGNED": False}
             print(json.dumps(compile_variant(tp._compress_odd_buckets, arch, TABLE, odd)), flush=True)
             # the densification pass (alpha > 0)
-            print(
-                json.dumps(
-                    compile_variant(
-                        densify._densify,
-                        arch,
-                        {
-                            "param_ptr": "*i16" if bf16 else "*fp32",
-                            "codes_ptr": "*u8",
-                            "stats_ptr": "*fp32",
-                            "flag_ptr": "*i32",
-                        },
-                        {"BLOCK": 4096, "HALF": 2048, "PARAM_BF16": bf16},
-                        {"lr_alpha": "fp32", "keep": "fp32"},
-                    )
-                ),
-                flush=True,
-            )
+            dens = {"BLOCK": 4096, "HALF": 2048, "QB": 2048, "PARAM_BF16": bf16, "ALIGNED": True}
+            print(json.dumps(compile_variant(densify._densify, arch, TABLE, dens)), flush=True)
 
 
 if __name__ == "__main__":
