@@ -5,6 +5,7 @@
 #   3. the targets' timings: 1e9 bf16 and fp32 against fused AdamW, the memory floor (copy_, sum),
 #      a Llama-7B-shaped list of 291 tensors each cut to 1/8 against one tensor of the same size.
 #   1b. every engine path at world size 1 under NCCL (benchmarks/engine_check.py, issue 15);
+#   4. end-to-end tokens/s of the main job's GPT on one GPU, MicroAdam against fused AdamW;
 # Writes logs and tables to $OUT (default benchmarks/results). Uses the python3 that holds torch
 # and triton; the package is taken from this checkout (PYTHONPATH), nothing is installed.
 # SKIP_TESTS=1 / SKIP_BENCH=1 leave a part out; extra arguments go to bench_triton_gpu.py.
@@ -57,4 +58,9 @@ echo "[gpu_check] profile done at ${SECONDS}s"
 # 3. timings (~4-5 min): sizes 1e6-1e9 both dtypes, the memory floor, the model-shaped list
 [ -n "${SKIP_BENCH:-}" ] || timeout "${BENCH_TIMEOUT:-420}" "$PY" benchmarks/bench_triton_gpu.py \
   --sizes 1e6 1e8 1e9 --repeats 5 --roofline --model llama7b-fsdp8 --out "$OUT/triton_gpu.md" "$@" 2>&1 | tail -25
+echo "[gpu_check] timings done at ${SECONDS}s"
+
+# 4. end to end (~1 min): the main job's GPT on one GPU, tokens/s of MicroAdam against fused AdamW
+timeout "${TRAIN_TIMEOUT:-240}" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m microadam_dist.train \
+  --config configs/main_job.json --fused-adamw --quiet --out "$OUT/gpu_train" 2>&1 | tee "$OUT/gpu_train.log" | tail -6
 echo "[gpu_check] all done at ${SECONDS}s"

@@ -143,7 +143,8 @@ def deepspeed_engine(name: str, model: GPT, args):
 def make_optimizer(name: str, model, args):
     if name == "microadam":
         return MicroAdam(model.parameters(), lr=args.lr_microadam, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=args.lr_adamw, weight_decay=args.weight_decay)
+    fused = {"fused": True} if args.fused_adamw else {}  # torch's fused CUDA kernel: the GPU baseline
+    return torch.optim.AdamW(model.parameters(), lr=args.lr_adamw, weight_decay=args.weight_decay, **fused)
 
 
 def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
@@ -357,6 +358,7 @@ def parse_args(argv=None):
         help="tuned for this model on a grid extended until it brackets the best: benchmarks/results/convergence.md",
     )
     ap.add_argument("--lr-adamw", type=float, default=1e-3, help="tuned likewise")
+    ap.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True), the baseline on a GPU")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
