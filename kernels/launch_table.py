@@ -138,14 +138,15 @@ class Launches:
             for row, nb in zip(rows, blocks):
                 row[len(RECT_FIELDS) - 1] = first
                 first += nb
-            table = self.to_device(torch.tensor(rows, dtype=torch.int64))
-            rect_of = self.to_device(
-                torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(blocks))
+            table = to_device(torch.tensor(rows, dtype=torch.int64), self.device)
+            rect_of = to_device(
+                torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(blocks)), self.device
             )
             kernel[(first,)](table, rect_of, **dict(constexprs), **dict(options), **LAUNCH_OPTIONS)
 
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """A host-built tensor on the launches' device, copied without waiting for the GPU."""
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built tensor on ``device``, copied without waiting for the GPU (from pinned memory)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -34,7 +34,7 @@ import triton.language as tl
 from microadam_dist.functional import StepConfig, bias_corrections, window_weights
 from microadam_dist.geometry import Geometry
 from microadam_dist.kernels.densify import densify_triton_
-from microadam_dist.kernels.launch_table import Launches, address, block_of, f32_field, scalar
+from microadam_dist.kernels.launch_table import Launches, address, block_of, f32_field, scalar, to_device
 
 # top-k fast path: the bound is the k-th largest of this many group maxima, and at most this many
 # candidates (entries >= the bound) are ranked pairwise; blocks with more take the radix search
@@ -623,7 +623,7 @@ def update_triton_(jobs: list[tuple]) -> None:
         _, _, w1, w2 = window_weights(cfg, "cpu")
         at.append(len(weights))
         weights += w1.tolist() + w2.tolist()
-    weights = Launches(device).to_device(torch.tensor(weights, dtype=torch.float32))
+    weights = to_device(torch.tensor(weights, dtype=torch.float32), device)
     launches = Launches(device)
     for (geometry, b0, b1, param, state, cfg, flag, undo), w in zip(jobs, at):
         win_idx, win_val = state["window_idx"], state["window_val"]
